@@ -1,0 +1,33 @@
+"""Figures for attention: heat maps, head-score grids, sink views, image / latent overlays, before vs after.
+
+Every function takes plain tensors or arrays (no dependency on the capture API), returns a matplotlib Figure
+made without pyplot (nothing global to close; Jupyter displays it), and accepts ``fig=`` to draw into an
+existing Figure or SubFigure.
+
+Example:
+    >>> import torch
+    >>> from attnkit import viz
+    >>> fig = viz.attention_heatmap(torch.softmax(torch.randn(3, 5, 5), -1), tokens=list("abcde"))
+    >>> len(fig.axes)
+    4
+"""
+
+from .compare import before_after
+from .heads import head_score_grid, top_k_heads
+from .heatmap import attention_heatmap
+from .io import save_figure
+from .overlay import as_image, cross_attention_maps, image_overlay, to_grid
+from .sinks import sink_view
+
+__all__ = [
+    "as_image",
+    "attention_heatmap",
+    "before_after",
+    "cross_attention_maps",
+    "head_score_grid",
+    "image_overlay",
+    "save_figure",
+    "sink_view",
+    "to_grid",
+    "top_k_heads",
+]

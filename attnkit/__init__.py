@@ -1,0 +1,21 @@
+"""attnkit: training-free attention interventions for transformers and diffusers models.
+
+Example:
+    >>> import attnkit
+    >>> from attnkit.testing import tiny_causal_lm
+    >>> model = tiny_causal_lm("llama")
+    >>> with attnkit.attach(model, [attnkit.get_intervention("noop")()]) as handle:
+    ...     _ = model(attnkit.testing.torch.tensor([[1, 2, 3]]))
+    >>> handle.report()["calls"]["noop"]
+    2
+"""
+
+from attnkit.api import AttachError, Handle, attach, available_interventions, get_intervention
+from attnkit.interventions import INTERVENTIONS, AttentionContext, Intervention, register_intervention
+from attnkit.targets import Target, TargetError
+
+__all__ = [
+    "AttachError", "AttentionContext", "Handle", "INTERVENTIONS", "Intervention", "Target", "TargetError", "attach",
+    "available_interventions", "get_intervention", "register_intervention",
+]
+__version__ = "0.1.0"

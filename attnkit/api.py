@@ -1,0 +1,375 @@
+"""``attnkit.attach``: wrap a loaded transformers model or diffusers pipeline with a recipe in one call.
+
+Example:
+    >>> import attnkit, torch
+    >>> from attnkit.testing import tiny_causal_lm
+    >>> model = tiny_causal_lm("llama")
+    >>> ids = torch.tensor([[1, 5, 7, 9]])
+    >>> before = model(ids).logits
+    >>> with attnkit.attach(model, [attnkit.get_intervention("noop")()]) as handle:
+    ...     during = model(ids).logits
+    >>> torch.allclose(before, during, atol=1e-5), torch.equal(before, model(ids).logits)
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import defaultdict
+from typing import Any, Iterable
+
+import torch
+
+from attnkit.capture import Capture
+from attnkit.interventions.base import AttentionContext, Intervention
+from attnkit.kernels.backends import choose_backend
+from attnkit.kernels.eager import eager_probs
+from attnkit.kernels.plan import PlanEntry
+from attnkit.spans import SequenceTracker
+from attnkit.targets import TargetError
+
+_ATTACHED: "dict[int, Handle]" = {}
+
+
+class AttachError(ValueError):
+    """A recipe that cannot be attached to this model (nothing was changed)."""
+
+
+def _as_interventions(recipe) -> tuple[list[Intervention], str | None, str]:
+    """Accept a Recipe, a single Intervention or a list of them."""
+    if isinstance(recipe, Intervention):
+        return [recipe], None, recipe.name
+    if hasattr(recipe, "build_interventions"):
+        return list(recipe.build_interventions()), getattr(recipe, "backend", None), getattr(recipe, "name", "recipe")
+    if isinstance(recipe, (list, tuple)):
+        bad = [r for r in recipe if not isinstance(r, Intervention)]
+        if bad:
+            raise AttachError(f"attach() got {bad[0]!r} in the intervention list; expected attnkit Intervention objects")
+        return list(recipe), None, "+".join(r.name for r in recipe) or "empty"
+    raise AttachError(f"attach() expects a Recipe, an Intervention or a list of them, got {type(recipe).__name__}")
+
+
+def _adapter_for(obj):
+    from attnkit.hooks import diffusers as dhooks
+    from attnkit.hooks import transformers as thooks
+
+    if thooks.is_transformers_model(obj):
+        return thooks.TransformersAdapter(obj)
+    if dhooks.is_diffusers_object(obj):
+        return dhooks.DiffusersAdapter(obj)
+    raise NotImplementedError(
+        f"attnkit cannot attach to {type(obj).__name__}: pass a transformers PreTrainedModel (families: "
+        f"{', '.join(thooks.TESTED_FAMILIES)}) or a diffusers pipeline / UNet2DConditionModel / SD3Transformer2DModel "
+        f"/ FluxTransformer2DModel / DiTTransformer2DModel / PixArtTransformer2DModel."
+    )
+
+
+class Handle:
+    """What :func:`attach` returns: ``remove()``, context manager, ``disabled()``, ``report()``, ``capture()``."""
+
+    def __init__(self, obj, interventions: list[Intervention], backend: str, name: str):
+        self.target_object = obj
+        self.interventions = interventions
+        self.requested_backend = backend
+        self.name = name
+        self.enabled = True
+        self.removed = False
+        self._captures: list[Capture] = []
+        self._warned: set[str] = set()
+        self._calls_at_forward_start: dict[int, int] = {}
+        self._outer_depth = 0
+        self.adapter = _adapter_for(obj)
+        info = self.adapter.model_info()
+        self.model_info = info
+        self.tracker = SequenceTracker(image_token_id=info.get("image_token_id"))
+        self.entries_by_intervention: dict[int, list[PlanEntry]] = defaultdict(list)
+        self._planned = self._plan(info)
+
+    # ---- planning ---------------------------------------------------------------------------------------
+    def _plan(self, info: dict):
+        names = [iv.name for iv in self.interventions]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise AttachError(f"intervention {dupes[0]!r} appears twice in this recipe; give one entry per method")
+        by_site: dict[int, Any] = {}
+        site_index = {(s.component, s.layer): s for s in self.adapter.sites}
+        for iv in self.interventions:
+            comp = info.get(iv.component)
+            if comp is None:
+                raise AttachError(f"{iv.name}: this model has no {iv.component!r} attention layers to target")
+            iv.setup(info)
+            try:
+                layer_heads = iv.target.resolve(comp["num_layers"], comp["num_heads"])
+            except TargetError as err:
+                raise AttachError(f"{iv.name}: {err}") from None
+            matched = 0
+            for layer, heads in layer_heads.items():
+                site = site_index.get((iv.component, layer))
+                if site is None or not iv.target.matches_module(site.qualname):
+                    continue
+                head_mask = torch.zeros(site.num_heads, dtype=torch.bool)
+                head_mask[heads] = True
+                entry = PlanEntry(iv, head_mask)
+                site_entries = by_site.setdefault(id(site), (site, []))[1]
+                self._check_conflicts(site, site_entries, entry)
+                site_entries.append(entry)
+                self.entries_by_intervention[id(iv)].append(entry)
+                matched += 1
+            if matched == 0:
+                raise AttachError(
+                    f"{iv.name}: target layers={iv.target.layers!r} modules={iv.target.modules!r} matched no attention "
+                    f"module (valid layers 0..{comp['num_layers'] - 1}; module names look like "
+                    f"{next(iter(site_index.values())).qualname!r})"
+                )
+        planned = []
+        for site, entries in by_site.values():
+            needs: dict[str, list[str]] = defaultdict(list)
+            for e in entries:
+                for cap in e.intervention.capabilities():
+                    needs[cap].append(e.intervention.name)
+            if getattr(getattr(site.module, "config", None), "attn_logit_softcapping", None) is not None:
+                needs["softcap"].append(f"{self.model_info.get('model_type')} (attention logit softcapping)")
+            device = next(site.module.parameters(), torch.empty(0)).device
+            try:
+                site.backend = choose_backend(self.requested_backend, dict(needs), device)
+            except (ValueError, KeyError) as err:
+                raise AttachError(f"layer {site.layer}: {err}") from None
+            site.entries = entries
+            planned.append(site)
+        return planned
+
+    @staticmethod
+    def _check_conflicts(site, existing: list[PlanEntry], new: PlanEntry) -> None:
+        if "group_factors" not in new.intervention.capabilities():
+            return
+        for e in existing:
+            if "group_factors" in e.intervention.capabilities() and bool((e.head_mask & new.head_mask).any()):
+                raise AttachError(
+                    f"{e.intervention.name} and {new.intervention.name} both reweight attention groups on layer "
+                    f"{site.layer} heads {torch.nonzero(e.head_mask & new.head_mask).flatten().tolist()}; they conflict. "
+                    "Target disjoint heads or layers."
+                )
+
+    def _install(self) -> None:
+        key = id(self.target_object)
+        if key in _ATTACHED and not _ATTACHED[key].removed:
+            raise AttachError(
+                f"{type(self.target_object).__name__} already has an attnkit handle ({_ATTACHED[key].name!r}); "
+                "call remove() on it first or attach one recipe holding all interventions"
+            )
+        planned = self._planned
+        if not planned:  # capture-only handle: route every text layer so captures can see them
+            planned = [s for s in self.adapter.sites if s.component == "text"] or list(self.adapter.sites)
+        try:
+            self.adapter.install(self, planned)
+        except Exception:
+            self.adapter.uninstall()
+            raise
+        _ATTACHED[key] = self
+
+    # ---- public API ----------------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Restore the model exactly; safe to call twice."""
+        if self.removed:
+            return
+        self.adapter.uninstall()
+        for cap in list(self._captures):
+            cap.stop()
+        self.removed = True
+        if _ATTACHED.get(id(self.target_object)) is self:
+            del _ATTACHED[id(self.target_object)]
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Run the stock model inside the block, without re-patching anything."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield self
+        finally:
+            self.enabled = previous
+
+    def capture(self, layers=None, heads=None, queries="last", component: str = "text") -> Capture:
+        """Start capturing attention probabilities of the selected rows (after this handle's edits).
+
+        ``queries``: "last" (default), "all" (full maps, N² memory), a slice, an int or a list of row indices."""
+        if layers is not None:
+            layers = [layers] if isinstance(layers, int) else list(layers)
+        if heads is not None:
+            heads = [heads] if isinstance(heads, int) else list(heads)
+        cap = Capture(layers, heads, queries, component, _handle=self)
+        self._captures.append(cap)
+        return cap
+
+    def set_span(self, name: str, spans) -> None:
+        """Mark a token span (bool ``[B, N]`` or per-sample ``[(start, end)]`` over the padded ``input_ids``)
+        that interventions can read as ``ctx.key_mask(name)`` from the next prefill on."""
+        self.tracker.set_span(name, spans)
+
+    def clear_spans(self) -> None:
+        self.tracker.clear_spans()
+
+    def report(self) -> dict:
+        """Which modules were patched, with which backend, and how often each intervention ran."""
+        modules = [
+            {"module": s.qualname, "layer": s.layer, "component": s.component, "backend": s.backend.name,
+             "interventions": [e.intervention.name for e in s.entries]}
+            for s in self._planned
+        ]
+        calls = {iv.name: sum(e.calls for e in self.entries_by_intervention[id(iv)]) for iv in self.interventions}
+        return {"recipe": self.name, "adapter": self.adapter.kind, "enabled": self.enabled, "removed": self.removed,
+                "modules": modules, "calls": calls}
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else ("disabled" if not self.enabled else "active")
+        return f"<attnkit.Handle {self.name!r} on {type(self.target_object).__name__}: {len(self._planned)} modules, {state}>"
+
+    # ---- runtime (called from the hooks) ------------------------------------------------------------------------
+    def active_for(self, site) -> bool:
+        return self.enabled and not self.removed and (bool(site.entries) or any(
+            c.wants(site.layer, site.component) for c in self._captures))
+
+    def _intervention_calls(self) -> dict[int, int]:
+        return {id(iv): sum(e.calls for e in self.entries_by_intervention[id(iv)]) for iv in self.interventions}
+
+    def _observe(self, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        embeds = kwargs.get("inputs_embeds")
+        if ids is not None and ids.dim() == 2:
+            batch, new_len = ids.shape
+        elif isinstance(embeds, torch.Tensor):
+            ids, (batch, new_len) = None, embeds.shape[:2]
+        else:
+            return
+        from attnkit.hooks.transformers import past_length_of
+
+        self.tracker.observe(ids, kwargs.get("attention_mask"), past_length_of(kwargs, new_len), batch, new_len)
+
+    def _pre_forward_outer(self, module, args, kwargs):
+        self._outer_depth += 1
+        if self._outer_depth == 1:
+            self._observe(args, kwargs)
+            self._calls_at_forward_start = self._intervention_calls()
+
+    def _pre_forward_inner(self, module, args, kwargs):
+        if self._outer_depth == 0:  # the decoder was called directly, not through the outer model
+            self._observe(args, kwargs)
+
+    def _post_forward_outer(self, module, args, kwargs, output):
+        self._outer_depth -= 1
+        if self._outer_depth == 0 and self.enabled:
+            self._warn_idle()
+
+    def _warn_idle(self) -> None:
+        now = self._intervention_calls()
+        for iv in self.interventions:
+            if now.get(id(iv), 0) == self._calls_at_forward_start.get(id(iv), 0) and iv.name not in self._warned:
+                self._warned.add(iv.name)
+                warnings.warn(
+                    f"attnkit: intervention {iv.name!r} did not run during this forward pass (targets: "
+                    f"layers={iv.target.layers!r}); check that the model uses the attention implementation "
+                    f"attnkit patched and that the targeted layers run.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+    def make_context(self, site, entry, q_len, k_len, batch, device, causal, window, query_rows=None, spans=None,
+                     step=None) -> AttentionContext:
+        tracker = self.tracker if self.adapter.kind == "transformers" else None
+        if entry is not None and tracker is not None and entry.state.get("_sequence") != tracker.sequence_id:
+            entry.state.clear()
+            entry.state["_sequence"] = tracker.sequence_id
+        return AttentionContext(
+            layer=site.layer, module=site.module, tracker=tracker, batch=batch, num_heads=site.num_heads,
+            q_len=q_len, k_len=k_len, causal=causal, device=device, window=window,
+            is_prefill=tracker.last_was_prefill if tracker is not None else True,
+            step=step if step is not None else (tracker.forward_index if tracker is not None else 0),
+            state=entry.state if entry is not None else {}, spans=spans or {}, query_rows=query_rows,
+            heads=entry.head_mask if entry is not None else None,
+        )
+
+    def _run_site(self, site, query, key, value, attention_mask, scaling, dropout, kwargs):
+        """Attention for one transformers module with its plan. q [B,H,Q,D], k/v [B,Hkv,K,D]."""
+        from attnkit.hooks.transformers import _stock_function
+
+        batch, _, q_len, head_dim = query.shape
+        k_len = key.shape[2]
+        scaling = head_dim**-0.5 if scaling is None else scaling
+        causal = kwargs.get("is_causal", getattr(site.module, "is_causal", True))
+        window = kwargs.get("sliding_window")
+        softcap = kwargs.get("softcap")
+        dropout = dropout if site.module.training else 0.0
+
+        def make_ctx(entry, rows=None):
+            return self.make_context(site, entry, q_len, k_len, batch, query.device, causal, window, rows)
+
+        if site.entries:
+            out = site.backend.run(query, key, value, attention_mask, scaling=scaling, entries=site.entries,
+                                   make_ctx=make_ctx, causal=causal, softcap=softcap, dropout=dropout)
+            out = out.transpose(1, 2).contiguous()  # [B, Q, H, D]
+        else:
+            out, _ = _stock_function(site.module, site.original_impl)(
+                site.module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        for cap in self._captures:
+            if cap.wants(site.layer, site.component):
+                self._capture_rows(cap, site, query, key, attention_mask, scaling, causal, softcap, make_ctx)
+        return out, None
+
+    def _capture_rows(self, cap, site, query, key, attention_mask, scaling, causal, softcap, make_ctx):
+        q_len, k_len = query.shape[2], key.shape[2]
+        rows = cap.rows(q_len).to(query.device)
+        mask = attention_mask
+        if mask is None and causal and q_len > 1:
+            from attnkit.kernels.masks import causal_allowed
+
+            mask = causal_allowed(q_len, k_len, query.device)[None, None]
+        if mask is not None:
+            mask = mask[:, :, rows] if mask.shape[2] == q_len else mask
+        saved = [(e, e.calls) for e in site.entries]
+        probs = eager_probs(query[:, :, rows], key, mask, scaling=scaling, entries=site.entries,
+                            make_ctx=lambda e: make_ctx(e, rows), causal=False, softcap=softcap)  # [B,H,R,K]
+        for e, calls in saved:
+            e.calls = calls
+        cap.add(site.layer, self.tracker.forward_index, probs, rows)
+
+
+def attach(model_or_pipeline, recipe: Any = (), backend: str = "auto") -> Handle:
+    """Attach a recipe (a :class:`~attnkit.recipes.Recipe`, a recipe name/path, an Intervention or a list of them)
+    to a transformers model or diffusers pipeline. Nothing is changed if anything about the recipe is invalid.
+
+    Example:
+        >>> import attnkit
+        >>> from attnkit.testing import tiny_causal_lm
+        >>> handle = attnkit.attach(tiny_causal_lm("qwen2"), [])
+        >>> handle.remove()
+    """
+    if isinstance(recipe, str):
+        from attnkit.recipes import load_recipe
+
+        recipe = load_recipe(recipe)
+    interventions, recipe_backend, name = _as_interventions(recipe)
+    handle = Handle(model_or_pipeline, interventions, recipe_backend if backend == "auto" and recipe_backend else backend,
+                    name)
+    handle._install()
+    return handle
+
+
+def get_intervention(name: str):
+    """The intervention class registered as ``name`` ("did you mean" on typos)."""
+    from attnkit.interventions import INTERVENTIONS, load_builtin
+
+    load_builtin()
+    return INTERVENTIONS.get(name)
+
+
+def available_interventions() -> Iterable[str]:
+    from attnkit.interventions import INTERVENTIONS, load_builtin
+
+    load_builtin()
+    return INTERVENTIONS.names()

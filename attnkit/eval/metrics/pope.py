@@ -1,0 +1,246 @@
+"""POPE: yes/no answer parsing, metrics and POPE-style question generation (METHODS.md section 4).
+
+Two parsers are offered and every report names the one used:
+
+* ``"official"`` — the POPE ``evaluate.py`` rule: keep the text before the first ".", delete commas, split on
+  single spaces; a token equal to ``"No"``, ``"not"`` or ``"no"`` means *no*, anything else (even "" or "NO!")
+  means *yes*.
+* ``"robust"`` (default) — VLMEvalKit's rule: lowercase, replace punctuation by spaces, split on whitespace;
+  "yes" present and "no" absent → yes, the reverse → no, otherwise ``"unknown"``. "not" is not a cue.
+  Unknown answers count as wrong for accuracy and as not-yes for precision/recall/yes-ratio.
+
+Example:
+    >>> parse_answer("No, there is no dog.", "official"), parse_answer("NO!", "official")
+    ('no', 'yes')
+    >>> parse_answer("NO!", "robust"), parse_answer("Yes and no", "robust")
+    ('no', 'unknown')
+    >>> m = pope_metrics(["yes", "no", "yes"], ["yes", "no", "no"])
+    >>> round(m["accuracy"], 4), m["precision"], m["recall"]
+    (0.6667, 0.5, 1.0)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+PARSERS = ("official", "robust")
+SPLITS = ("random", "popular", "adversarial")
+TEMPLATE = "Is there {article} {obj} in the image?"
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+def parse_official(text: str) -> str:
+    """POPE ``evaluate.py`` parser: ``'no'`` iff a space-separated token of the first sentence is No/not/no."""
+    first = text.split(".")[0].replace(",", "")
+    return "no" if any(tok in ("No", "not", "no") for tok in first.split(" ")) else "yes"
+
+
+def parse_robust(text: str) -> str:
+    """VLMEvalKit-style parser: ``'yes'``, ``'no'`` or ``'unknown'`` (both or neither word present)."""
+    words = set(re.sub(r"[^\w\s]", " ", text.lower()).split())
+    has_yes, has_no = "yes" in words, "no" in words
+    if has_yes and not has_no:
+        return "yes"
+    if has_no and not has_yes:
+        return "no"
+    return "unknown"
+
+
+def parse_answer(text: str, parser: str = "robust") -> str:
+    """Parse a free-form answer with the named parser (``"official"`` or ``"robust"``)."""
+    if parser == "official":
+        return parse_official(text)
+    if parser == "robust":
+        return parse_robust(text)
+    raise ValueError(f"POPE parser {parser!r} is unknown; choose one of {PARSERS}.")
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def _ratio(num: float, den: float, zero_division: float) -> float:
+    return num / den if den else zero_division
+
+
+def pope_metrics(preds: Sequence[str], labels: Sequence[str], zero_division: float = 0.0) -> dict:
+    """Accuracy, precision, recall, F1, yes-ratio (positive class = "yes"), plus counts.
+
+    ``preds`` items are ``"yes"``, ``"no"`` or ``"unknown"``; ``labels`` are ``"yes"``/``"no"``. Ratios with a
+    zero denominator return ``zero_division`` (0.0 like VLMEvalKit; the official script would divide by zero).
+
+    Example:
+        >>> pope_metrics(["no", "no"], ["yes", "no"])["precision"]  # no predicted yes: guarded
+        0.0
+    """
+    if len(preds) != len(labels):
+        raise ValueError(f"POPE: {len(preds)} predictions but {len(labels)} labels; they must align one to one.")
+    bad = {lab for lab in labels if lab not in ("yes", "no")}
+    if bad:
+        raise ValueError(f"POPE labels must be 'yes' or 'no'; found {sorted(bad)}.")
+    tp = sum(p == "yes" and y == "yes" for p, y in zip(preds, labels))
+    fp = sum(p == "yes" and y == "no" for p, y in zip(preds, labels))
+    tn = sum(p == "no" and y == "no" for p, y in zip(preds, labels))
+    fn = sum(p != "yes" and y == "yes" for p, y in zip(preds, labels))
+    n = len(labels)
+    precision = _ratio(tp, tp + fp, zero_division)
+    recall = _ratio(tp, tp + fn, zero_division)
+    return {
+        "accuracy": _ratio(tp + tn, n, zero_division),
+        "precision": precision,
+        "recall": recall,
+        "f1": _ratio(2 * precision * recall, precision + recall, zero_division),
+        "yes_ratio": _ratio(sum(p == "yes" for p in preds), n, zero_division),
+        "unknown_ratio": _ratio(sum(p == "unknown" for p in preds), n, zero_division),
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": n,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- files
+def load_questions(path: str | Path) -> list[dict]:
+    """Read a POPE JSON-lines question file (``{question_id, image, text, label}`` per line).
+
+    Example:
+        >>> from attnkit.data import data_path
+        >>> qs = load_questions(data_path("pope", "coco_pope_random.json"))
+        >>> len(qs), qs[0]["label"]
+        (3000, 'yes')
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"POPE question file {path} not found (set ATTNKIT_DATA or pass a valid path).")
+    out = []
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            missing = {"question_id", "image", "text", "label"} - row.keys()
+            if missing:
+                raise ValueError(f"{path}:{lineno}: POPE row lacks fields {sorted(missing)}.")
+            out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- generation
+def article(word: str) -> str:
+    """``'an'`` before a vowel letter (a, e, i, o, u), else ``'a'`` — the article rule POPE's files use."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def question_text(obj: str) -> str:
+    """``'Is there a dog in the image?'`` / ``'Is there an apple in the image?'``."""
+    return TEMPLATE.format(article=article(obj), obj=obj)
+
+
+def objects_from_coco(instances: dict) -> dict[int, list[str]]:
+    """Per image id, its category names deduplicated in annotation-id order (images without objects omitted)."""
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    out: dict[int, list[str]] = {}
+    for ann in sorted(instances["annotations"], key=lambda a: a["id"]):
+        objs = out.setdefault(int(ann["image_id"]), [])
+        name = names[ann["category_id"]]
+        if name not in objs:
+            objs.append(name)
+    return out
+
+
+def _stable_desc(counts: Counter) -> list[str]:
+    # Counter preserves first-insertion order; sorted() is stable, so ties keep first-seen order.
+    return [k for k, _ in sorted(counts.items(), key=lambda kv: -kv[1])]
+
+
+def object_statistics(image_objects: dict) -> tuple[Counter, dict[str, Counter]]:
+    """Frequency (images containing each object) and co-occurrence counts, in first-seen order."""
+    freq: Counter = Counter()
+    co: dict[str, Counter] = {}
+    for objs in image_objects.values():
+        for o in objs:
+            freq[o] += 1
+            row = co.setdefault(o, Counter())
+            for other in objs:
+                if other != o:
+                    row[other] += 1
+    return freq, co
+
+
+def generate_questions(image_objects: dict, split: str, seed: int = 0, num_pos: int = 3,
+                       min_objects: int = 3, img_num: int | None = None,
+                       exclude: dict | None = None, file_name=None) -> list[dict]:
+    """POPE-style questions: per image, ``num_pos`` × (yes on ``objects[i]``, one negative by ``split``).
+
+    ``image_objects`` maps image id → object names in order. Images with fewer than ``min_objects`` objects are
+    dropped; if ``img_num`` is set, that many are drawn with ``random.Random(seed)`` (the official code draws 500
+    unseeded). Negatives never lie in the image's objects, in ``exclude[image_id]`` (e.g. the CHAIR set, to mirror
+    the shipped files), nor among this image's earlier negatives. Every row records how its object was chosen.
+
+    Example:
+        >>> objs = {1: ["cat", "dog", "bed"], 2: ["cat", "sofa", "tv", "bed"], 3: ["car", "bus", "cat"]}
+        >>> [q["text"] for q in generate_questions(objs, "popular")][:2]
+        ['Is there a cat in the image?', 'Is there a sofa in the image?']
+    """
+    if split not in SPLITS:
+        raise ValueError(f"POPE split {split!r} is unknown; choose one of {SPLITS}.")
+    rng = random.Random(seed)
+    ids = [i for i in image_objects if len(image_objects[i]) >= min_objects]
+    if img_num is not None and img_num < len(ids):
+        ids = rng.sample(ids, img_num)
+    selected = {i: image_objects[i] for i in ids}
+    freq, co = object_statistics(selected)
+    universe = list(freq)  # first-seen order
+    by_freq = _stable_desc(freq)
+    file_name = file_name or (lambda i: f"{int(i):012d}.jpg")
+    rows: list[dict] = []
+    for image_id in ids:
+        objs = selected[image_id]
+        banned = set(objs) | set((exclude or {}).get(image_id, ()))
+        for pos in objs[:num_pos]:
+            neg, how = _pick_negative(split, pos, banned, universe, by_freq, co, rng)
+            banned.add(neg)
+            for obj, label, source in ((pos, "yes", "positive"), (neg, "no", how)):
+                rows.append({"question_id": len(rows) + 1, "image": file_name(image_id), "image_id": image_id,
+                             "text": question_text(obj), "label": label, "object": obj, "source": source})
+    return rows
+
+
+def _pick_negative(split, pos, banned, universe, by_freq, co, rng) -> tuple[str, str]:
+    eligible = [o for o in universe if o not in banned]
+    if not eligible:
+        raise ValueError(f"POPE generation: no negative object left for positive {pos!r}; use fewer positives.")
+    if split == "popular":
+        return next(o for o in by_freq if o not in banned), "popular"
+    if split == "adversarial":
+        for o in _stable_desc(co.get(pos, Counter())):
+            if o not in banned and co[pos][o] > 0:
+                return o, "adversarial"
+    while True:  # rejection sampling, as the official code does
+        o = rng.choice(universe)
+        if o not in banned:
+            return o, "random" if split == "random" else "adversarial_fallback_random"
+
+
+def coco_questions(split: str, instances_path: str | Path | None = None, seed: int = 0, **kw) -> list[dict]:
+    """POPE-style questions for a local COCO image set from its instance annotations (default: coco_tiny val2017).
+
+    Example:
+        >>> len(coco_questions("random"))  # 51 images with >= 3 categories, 6 questions each
+        306
+    """
+    from attnkit.data import data_path
+
+    path = Path(instances_path) if instances_path else data_path("coco_tiny", "annotations",
+                                                                  "instances_val2017.json", must_exist=True)
+    with open(path) as fh:
+        instances = json.load(fh)
+    files = {int(im["id"]): im["file_name"] for im in instances["images"]}
+    objs = objects_from_coco(instances)
+    ordered = {i: objs[i] for i in sorted(objs)}
+    return generate_questions(ordered, split, seed=seed, file_name=lambda i: files[i], **kw)
+
+
+def metrics_from_records(records: Iterable[dict], zero_division: float = 0.0) -> dict:
+    """Aggregate per-example runner records (fields ``pred``, ``label``) into POPE metrics."""
+    records = list(records)
+    return pope_metrics([r["pred"] for r in records], [r["label"] for r in records], zero_division)

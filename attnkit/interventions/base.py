@@ -1,0 +1,159 @@
+"""The intervention API: what a method may change inside one attention call.
+
+An intervention overrides any of these hooks (all optional; each receives an :class:`AttentionContext`):
+
+=====================  ====================================================================  ======================
+hook                   meaning                                                               backends
+=====================  ====================================================================  ======================
+``query_scale``        per-head factor on the pre-softmax scores (temperature) → ``[H]``      eager, torch
+``score_bias``         additive pre-softmax bias broadcastable to ``[B,H,Q,K]``               eager, torch
+``edit_scores``        any function of the scores ``[B,H,Q,K]`` (materialises them)           eager
+``group_factors``      post-softmax reweighting of key groups: masses ``[B,H,Q,G]`` → factors eager (+ fast kernels)
+``edit_probs``         any function of the probabilities ``[B,H,Q,K]`` (materialises them)    eager
+``edit_output``        per-head outputs ``[B,H,Q,D]`` → same shape                           eager, torch
+=====================  ====================================================================  ======================
+
+Edits apply only to the intervention's target heads: the framework keeps the other heads untouched, so a hook may
+compute its edit for every head. ``group_factors`` works on the groups named by :meth:`Intervention.key_groups`
+(group 0 = "everything else", group g = the g-th named span; a key in several spans takes the first), and the
+rows are renormalised afterwards: ``p'_j = p_j c_g / Σ_g M_g c_g``.
+
+Example (a per-head output gain):
+    >>> import torch
+    >>> from attnkit.interventions.base import Intervention, register_intervention
+    >>> class Gain(Intervention):
+    ...     name = "doc-gain"
+    ...     def __init__(self, factor=2.0, **target):
+    ...         super().__init__(**target)
+    ...         self.factor = factor
+    ...     def edit_output(self, out, ctx):
+    ...         return out * self.factor
+    >>> Gain(layers=[0], heads=[1]).capabilities()
+    {'edit_output'}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from attnkit.registry import Registry
+from attnkit.targets import Target
+
+INTERVENTIONS = Registry("intervention")
+
+HOOKS = ("query_scale", "score_bias", "edit_scores", "group_factors", "edit_probs", "edit_output")
+
+
+def register_intervention(cls):
+    """Class decorator: register an :class:`Intervention` subclass under its ``name``."""
+    if not getattr(cls, "name", None):
+        raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered")
+    INTERVENTIONS.register(cls.name, cls)
+    return cls
+
+
+@dataclass
+class AttentionContext:
+    """Everything an intervention may read about one attention call (one layer, one forward)."""
+
+    layer: int  # layer index in the model's attention stack
+    module: Any  # the attention module (read-only use)
+    tracker: Any  # SequenceTracker or None (diffusers)
+    batch: int
+    num_heads: int
+    q_len: int
+    k_len: int
+    causal: bool
+    device: torch.device
+    window: int | None = None
+    is_prefill: bool = True
+    step: int = 0  # diffusion denoising step or forward index
+    state: dict = field(default_factory=dict)  # per (intervention, layer), reset at each prefill
+    spans: dict = field(default_factory=dict)  # extra [B, K] key masks (e.g. diffusers text/image)
+    query_rows: torch.Tensor | None = None  # subset of query rows (captures)
+    heads: torch.Tensor | None = None  # [H] bool: this intervention's target heads
+
+    def _positions(self, n: int) -> slice:
+        total = self.tracker.length if self.tracker is not None else n
+        return slice(total - n, total)
+
+    def key_mask(self, name: str) -> torch.Tensor:
+        """Bool ``[B, K]``: which keys of this call belong to span ``name`` (see :mod:`attnkit.spans`)."""
+        if name in self.spans:
+            return self.spans[name].to(self.device)
+        mask = self.tracker.mask(name)[:, self._positions(self.k_len)]  # [B, K]
+        return mask.to(self.device, non_blocking=True)
+
+    def query_mask(self, name: str) -> torch.Tensor:
+        """Bool ``[B, Q]``: which queries of this call belong to span ``name``."""
+        if name in self.spans:
+            q_mask = self.spans[name][:, -self.q_len :]
+        else:
+            q_mask = self.tracker.mask(name)[:, self._positions(self.q_len)]  # [B, Q]
+        q_mask = q_mask.to(self.device)
+        return q_mask if self.query_rows is None else q_mask[:, self.query_rows.to(self.device)]
+
+    @property
+    def key_padding(self) -> torch.Tensor | None:
+        """Bool ``[B, K]``, True for real tokens; None when nothing is padded / unknown."""
+        if self.tracker is None or self.tracker.ids is None:
+            return None
+        return self.key_mask("real")
+
+
+class Intervention:
+    """Base class of all interventions; see the module docstring for the hooks."""
+
+    name: ClassVar[str] = ""
+    #: prefer this in error messages and reports
+    description: ClassVar[str] = ""
+
+    def __init__(self, layers=None, heads=None, modules: str | None = None, component: str = "text"):
+        self.target = Target(layers=layers, heads=heads, modules=modules)
+        self.component = component
+
+    # ---- introspection ----------------------------------------------------------------------------------
+    def capabilities(self) -> set[str]:
+        """The hooks this intervention overrides (what a backend must support)."""
+        return {h for h in HOOKS if getattr(type(self), h) is not getattr(Intervention, h)}
+
+    def key_groups(self) -> tuple[str, ...]:
+        """Span names defining the groups for :meth:`group_factors` (group 0 is everything else)."""
+        return ()
+
+    def setup(self, model_info: dict) -> None:
+        """Called once at attach time with facts about the model (num_layers, num_heads, config, …)."""
+
+    def describe(self) -> str:
+        params = {k: v for k, v in vars(self).items() if k not in ("target",) and not k.startswith("_")}
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
+
+    # ---- hooks: override what you need ------------------------------------------------------------------
+    def query_scale(self, ctx: AttentionContext) -> torch.Tensor | None:  # -> [H]
+        raise NotImplementedError
+
+    def score_bias(self, ctx: AttentionContext) -> torch.Tensor | None:  # -> broadcastable [B,H,Q,K]
+        raise NotImplementedError
+
+    def edit_scores(self, scores: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:  # [B,H,Q,K]
+        raise NotImplementedError
+
+    def group_factors(self, mass: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:  # [B,H,Q,G]
+        raise NotImplementedError
+
+    def edit_probs(self, probs: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:  # [B,H,Q,K]
+        raise NotImplementedError
+
+    def edit_output(self, out: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:  # [B,H,Q,D]
+        raise NotImplementedError
+
+
+def key_group_ids(ctx: AttentionContext, names: tuple[str, ...]) -> torch.Tensor:
+    """``[B, K]`` long group id per key: g+1 for the first span in ``names`` containing it, 0 otherwise."""
+    ids = torch.zeros(ctx.batch, ctx.k_len, dtype=torch.long, device=ctx.device)  # [B, K]
+    for g in reversed(range(len(names))):
+        ids = torch.where(ctx.key_mask(names[g]), torch.full_like(ids, g + 1), ids)
+    return ids

@@ -1,0 +1,62 @@
+"""Backend registry and selection: ``eager`` (reference), ``torch`` (CPU/GPU, no N² for structured edits),
+``triton`` (GPU, fused; registered when available).
+
+``choose_backend("auto", needs, device)`` picks the fastest backend that supports every capability the layer's
+interventions need; an explicit choice that cannot work raises naming the intervention and the missing capability.
+
+Example:
+    >>> choose_backend("auto", {"edit_output": ["gain"]}, "cpu").name
+    'torch'
+    >>> choose_backend("auto", {"edit_probs": ["var"]}, "cpu").name
+    'eager'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from attnkit.kernels import eager, torch_path
+from attnkit.registry import Registry
+
+BACKENDS = Registry("backend")
+AUTO_ORDER = ("triton", "torch", "eager")
+
+
+@dataclass
+class Backend:
+    name: str
+    capabilities: frozenset
+    attention: Callable  # (q, k, v, mask, *, scaling, entries, make_ctx, causal, softcap, dropout) -> out | (out, probs)
+    available: Callable[[str], str | None] = lambda device: None  # returns a reason when unusable on `device`
+    returns_probs: bool = False
+
+    def run(self, *args, **kwargs):
+        result = self.attention(*args, **kwargs)
+        return result[0] if self.returns_probs else result
+
+
+BACKENDS.register("eager", Backend("eager", eager.CAPABILITIES, eager.eager_attention, returns_probs=True))
+BACKENDS.register("torch", Backend("torch", torch_path.CAPABILITIES, torch_path.torch_attention))
+
+
+def choose_backend(requested: str, needs: dict[str, list[str]], device) -> Backend:
+    """Pick a backend. ``needs`` maps capability → names of the interventions that need it."""
+    device_type = getattr(device, "type", str(device))
+    if requested != "auto":
+        backend = BACKENDS.get(requested)
+        missing = {cap: names for cap, names in needs.items() if cap not in backend.capabilities}
+        if missing:
+            detail = "; ".join(f"{', '.join(sorted(set(n)))} needs '{cap}'" for cap, n in missing.items())
+            raise ValueError(f"backend {requested!r} cannot run this recipe: {detail}. Use backend='auto' or 'eager'.")
+        reason = backend.available(device_type)
+        if reason:
+            raise ValueError(f"backend {requested!r} is unavailable on {device_type}: {reason}")
+        return backend
+    for name in AUTO_ORDER:
+        if name not in BACKENDS:
+            continue
+        backend = BACKENDS.get(name)
+        if set(needs) <= backend.capabilities and backend.available(device_type) is None:
+            return backend
+    raise ValueError(f"no backend supports {sorted(needs)} on {device_type}")

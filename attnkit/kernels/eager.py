@@ -1,0 +1,120 @@
+"""Reference backend: materialises scores and probabilities ``[B,H,Q,K]`` and applies every hook literally.
+
+It is the ground truth the fast backends are tested against, and the only backend for hooks that need the full
+matrix (``edit_scores``, ``edit_probs``).
+
+Example:
+    >>> import torch
+    >>> q = k = v = torch.randn(1, 2, 4, 8)
+    >>> out, probs = eager_attention(q, k, v, None, scaling=8 ** -0.5, entries=[], make_ctx=None, causal=True)
+    >>> out.shape, torch.allclose(probs.sum(-1), torch.ones(1, 2, 4))
+    (torch.Size([1, 2, 4, 8]), True)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.interventions.base import key_group_ids
+from attnkit.kernels.masks import allowed_mask
+from attnkit.kernels.plan import head_vector, select_heads
+
+CAPABILITIES = frozenset(
+    {"query_scale", "score_bias", "edit_scores", "group_factors", "edit_probs", "edit_output", "softcap", "probs"}
+)
+
+
+def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[B, Hkv, N, D]`` → ``[B, H, N, D]``: query head h uses key/value head ``h // (H // Hkv)``."""
+    groups = num_heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def score_stage(scores: torch.Tensor, entries, make_ctx) -> torch.Tensor:
+    """Apply query_scale, score_bias and edit_scores of every entry, in order. scores: [B,H,Q,K] fp32."""
+    for entry in entries:
+        iv, heads = entry.intervention, entry.heads_on(scores.device)
+        caps = iv.capabilities()
+        if not caps & {"query_scale", "score_bias", "edit_scores"}:
+            continue
+        ctx = make_ctx(entry)
+        if "query_scale" in caps:
+            scale = head_vector(iv.query_scale(ctx), heads, 1.0)  # [H]
+            scores = scores * scale.view(1, -1, 1, 1)
+        if "score_bias" in caps:
+            bias = iv.score_bias(ctx)
+            if bias is not None:
+                scores = scores + bias.float() * heads.view(1, -1, 1, 1)
+        if "edit_scores" in caps:
+            scores = select_heads(iv.edit_scores(scores, ctx).float(), scores, heads)
+        entry.calls += 1
+    return scores
+
+
+def reweight_groups(probs: torch.Tensor, group_ids: torch.Tensor, factors_fn, heads) -> torch.Tensor:
+    """Post-softmax group reweighting ``p'_j = p_j c_g(j) / Σ_g M_g c_g`` with ``M_g`` the group masses.
+
+    probs [B,H,Q,K], group_ids [B,K] long, factors_fn: masses [B,H,Q,G] → factors [B,H,Q,G]."""
+    num_groups = int(group_ids.max().item()) + 1 if group_ids.numel() else 1
+    onehot = torch.nn.functional.one_hot(group_ids, num_groups).float()  # [B, K, G]
+    mass = torch.einsum("bhqk,bkg->bhqg", probs, onehot)  # [B, H, Q, G]
+    factors = factors_fn(mass).float()  # [B, H, Q, G]
+    factors = select_heads(factors, torch.ones_like(factors), heads)
+    norm = (mass * factors).sum(-1, keepdim=True).clamp_min(1e-30)  # [B, H, Q, 1]
+    per_key = torch.gather(factors, 3, group_ids[:, None, None, :].expand(*probs.shape[:3], -1))  # [B,H,Q,K]
+    return probs * per_key / norm
+
+
+def prob_stage(probs: torch.Tensor, entries, make_ctx) -> torch.Tensor:
+    """Apply group_factors and edit_probs of every entry, in order. probs: [B,H,Q,K] fp32."""
+    for entry in entries:
+        iv, heads = entry.intervention, entry.heads_on(probs.device)
+        caps = iv.capabilities()
+        if not caps & {"group_factors", "edit_probs"}:
+            continue
+        ctx = make_ctx(entry)
+        if "group_factors" in caps:
+            ids = key_group_ids(ctx, iv.key_groups())  # [B, K]
+            probs = reweight_groups(probs, ids, lambda m: iv.group_factors(m, ctx), heads)
+        if "edit_probs" in caps:
+            probs = select_heads(iv.edit_probs(probs, ctx).float(), probs, heads)
+        entry.calls += 1
+    return probs
+
+
+def output_stage(out: torch.Tensor, entries, make_ctx) -> torch.Tensor:
+    """Apply edit_output of every entry, in order. out: [B,H,Q,D]."""
+    for entry in entries:
+        if "edit_output" in entry.intervention.capabilities():
+            edited = entry.intervention.edit_output(out, make_ctx(entry)).to(out.dtype)
+            out = select_heads(edited, out, entry.heads_on(out.device))
+            entry.calls += 1
+    return out
+
+
+def eager_probs(q, k, mask, *, scaling, entries, make_ctx, causal, softcap=None) -> torch.Tensor:
+    """Edited attention probabilities ``[B,H,Q,K]`` (fp32). q [B,H,Q,D], k [B,Hkv,K,D]."""
+    num_heads, q_len, k_len = q.shape[1], q.shape[2], k.shape[2]
+    k = repeat_kv(k, num_heads)  # [B, H, K, D]
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # [B, H, Q, K]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = score_stage(scores, entries, make_ctx)
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores + mask.float()
+    else:
+        allowed = allowed_mask(mask, q_len, k_len, causal, q.device)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows → 0
+    return prob_stage(probs, entries, make_ctx)
+
+
+def eager_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, softcap=None, dropout=0.0):
+    """Reference attention with edits. Returns ``(out [B,H,Q,D], probs [B,H,Q,K])``."""
+    probs = eager_probs(q, k, mask, scaling=scaling, entries=entries, make_ctx=make_ctx, causal=causal, softcap=softcap)
+    if dropout > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout)
+    v = repeat_kv(v, q.shape[1])  # [B, H, K, D]
+    out = torch.matmul(probs.to(v.dtype), v)  # [B, H, Q, D]
+    return output_stage(out, entries, make_ctx), probs

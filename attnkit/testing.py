@@ -1,0 +1,152 @@
+"""Tiny randomly initialised models for tests, examples and notebooks (no download, seconds to build).
+
+Example:
+    >>> model = tiny_causal_lm("llama")
+    >>> model.config.num_hidden_layers, model.config.num_attention_heads
+    (2, 4)
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: text families that are tested, and the config overrides that make them tiny
+TEXT_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 4}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 4}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+}
+VISION_FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3")
+
+_COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_GPT2 = dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2,
+             pad_token_id=0)
+
+
+def tiny_text_config(family: str, **overrides):
+    """Config of a 2-layer, 4-head (2 KV heads where the family allows GQA) model of ``family``."""
+    import transformers
+
+    if family not in TEXT_FAMILIES:
+        raise KeyError(f"unknown tiny family {family!r}; choose from {sorted(TEXT_FAMILIES)}")
+    config_name, _, extra = TEXT_FAMILIES[family]
+    base = dict(_GPT2) if family == "gpt2" else dict(_COMMON)
+    if family == "gpt_neox":
+        base.pop("num_key_value_heads")
+    base.update(extra)
+    base.update(overrides)
+    return getattr(transformers, config_name)(**base)
+
+
+def tiny_causal_lm(family: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    """A tiny random causal LM of ``family`` in eval mode (fp32)."""
+    import transformers
+
+    config = tiny_text_config(family, **overrides)
+    torch.manual_seed(seed)
+    impl = "eager" if family == "gemma2" else attn_implementation
+    model = getattr(transformers, TEXT_FAMILIES[family][1])._from_config(config, attn_implementation=impl)
+    return model.eval()
+
+
+def _tiny_vlm_config(family: str):
+    import transformers
+
+    text = dict(_COMMON, model_type="llama")
+    vision_clip = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32)
+    if family == "llava":
+        return transformers.LlavaConfig(text_config=text, vision_config=vision_clip, image_token_id=120,
+                                        vision_feature_layer=-1, projector_hidden_act="gelu")
+    if family == "llava_next":
+        return transformers.LlavaNextConfig(text_config=text, vision_config=vision_clip, image_token_id=120,
+                                            vision_feature_layer=-1, image_grid_pinpoints=[[32, 32], [32, 64]])
+    if family == "qwen2_vl":
+        text_qwen = dict(_COMMON, model_type="qwen2_vl_text", rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]})
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        return transformers.Qwen2VLConfig(text_config=text_qwen, vision_config=vision, image_token_id=120,
+                                          video_token_id=121, vision_start_token_id=122, vision_end_token_id=123,
+                                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "idefics3":
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=32, patch_size=8)
+        return transformers.Idefics3Config(text_config=text, vision_config=vision, image_token_id=120, scale_factor=2)
+    raise KeyError(f"unknown tiny VLM family {family!r}; choose from {VISION_FAMILIES}")
+
+
+def tiny_vlm(family: str = "llava", seed: int = 0, attn_implementation: str = "sdpa"):
+    """A tiny random vision-language model of ``family`` (eval mode, fp32)."""
+    import transformers
+
+    config = _tiny_vlm_config(family)
+    cls = {
+        "llava": transformers.LlavaForConditionalGeneration,
+        "llava_next": transformers.LlavaNextForConditionalGeneration,
+        "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+        "idefics3": transformers.Idefics3ForConditionalGeneration,
+    }[family]
+    torch.manual_seed(seed)
+    return cls._from_config(config, attn_implementation=attn_implementation).eval()
+
+
+def vlm_inputs(family: str, model, batch: int = 2, text_len: int = 6, seed: int = 0, left_pad: int = 0) -> dict:
+    """Inputs with image placeholders expanded as the family's processor would do (random pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    config = model.config
+    image_id = config.image_token_id
+    text_ids = lambda n: torch.randint(3, 100, (batch, n), generator=g)  # noqa: E731
+    inputs: dict = {}
+    if family == "llava":
+        n_img = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+        pixel = torch.randn(batch, 3, 32, 32, generator=g)
+        inputs["pixel_values"] = pixel
+    elif family == "llava_next":
+        n_img, pixel, sizes = _llava_next_pixels(model, batch, g)
+        inputs.update(pixel_values=pixel, image_sizes=sizes)
+    elif family == "qwen2_vl":
+        grid = torch.tensor([[1, 4, 4]] * batch)  # t, h, w patches
+        n_img = int(grid[0].prod()) // 4
+        patch_dim = 3 * 2 * 4 * 4
+        inputs.update(pixel_values=torch.randn(batch * 16, patch_dim, generator=g), image_grid_thw=grid)
+    elif family == "idefics3":
+        n_img = int(((config.vision_config.image_size // config.vision_config.patch_size) ** 2) / (config.scale_factor**2))
+        inputs["pixel_values"] = torch.randn(batch, 1, 3, 32, 32, generator=g)
+        inputs["pixel_attention_mask"] = torch.ones(batch, 1, 32, 32, dtype=torch.bool)
+    else:
+        raise KeyError(family)
+    prefix, suffix = text_ids(2), text_ids(text_len)
+    image = torch.full((batch, n_img), image_id)
+    ids = torch.cat([prefix, image, suffix], dim=1)
+    mask = torch.ones_like(ids)
+    if left_pad:
+        pad = torch.zeros(batch, left_pad, dtype=ids.dtype)
+        mask = torch.cat([torch.zeros_like(pad), mask], 1)
+        ids = torch.cat([pad, ids], 1)
+        mask[0, left_pad:] = 1
+        mask[1:, : left_pad] = 0
+    inputs.update(input_ids=ids, attention_mask=mask)
+    if family == "qwen2_vl":
+        inputs["mm_token_type_ids"] = (ids == image_id).long()
+    return inputs
+
+
+def _llava_next_pixels(model, batch, g):
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    sizes = torch.tensor([[32, 32]] * batch)
+    n_patches = image_size_to_num_patches((32, 32), model.config.image_grid_pinpoints, 32)
+    pixel = torch.randn(batch, n_patches, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel, sizes)
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    n_img = feats[0].shape[0] if isinstance(feats, (list, tuple)) else feats.shape[1]
+    return n_img, pixel, sizes
