@@ -161,18 +161,28 @@ class Handle:
         planned = self._planned
         if not planned:  # capture-only handle: route every text layer so captures can see them
             planned = [s for s in self.adapter.sites if s.component == "text"] or list(self.adapter.sites)
+        self._extra_hooks: list = []
         try:
             self.adapter.install(self, planned)
+            for iv in self.interventions:
+                self._extra_hooks.extend(iv.install(self) or [])
         except Exception:
+            self._remove_extra_hooks()
             self.adapter.uninstall()
             raise
         _ATTACHED[key] = self
+
+    def _remove_extra_hooks(self) -> None:
+        for hook in reversed(getattr(self, "_extra_hooks", [])):
+            hook.remove()
+        self._extra_hooks = []
 
     # ---- public API ----------------------------------------------------------------------------------------
     def remove(self) -> None:
         """Restore the model exactly; safe to call twice."""
         if self.removed:
             return
+        self._remove_extra_hooks()
         self.adapter.uninstall()
         for cap in list(self._captures):
             cap.stop()

@@ -127,6 +127,12 @@ class Intervention:
     def setup(self, model_info: dict) -> None:
         """Called once at attach time with facts about the model (num_layers, num_heads, config, …)."""
 
+    def install(self, handle) -> list:
+        """Called once after attach with the :class:`~attnkit.api.Handle`; return removable hooks
+        (objects with ``.remove()``) for work outside attention calls — e.g. dropping tokens between decoder
+        layers (FastV) or hooking a vision tower. They are removed by ``handle.remove()``."""
+        return []
+
     def describe(self) -> str:
         params = {k: v for k, v in vars(self).items() if k not in ("target",) and not k.startswith("_")}
         return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in params.items())})"

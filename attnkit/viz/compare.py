@@ -10,6 +10,8 @@ from matplotlib.figure import Figure, FigureBase
 
 from ._common import PREFERRED_SIZE_ATTR, is_colorbar_axes
 
+_DEFAULT_SIZE = (6.0, 4.5)  # for a plot_fn that does not record a preferred size
+
 
 def before_after(
     before: Any,
@@ -20,6 +22,7 @@ def before_after(
     *,
     arg: str | None = None,
     share_scale: bool = True,
+    direction: str = "auto",
     figsize: tuple[float, float] | None = None,
     **kwargs: Any,
 ) -> Figure:
@@ -34,6 +37,8 @@ def before_after(
         title: the whole figure's title.
         share_scale: give corresponding colour maps one colour scale (and their colour bars follow), and
             corresponding line plots the same y limits, so the two sides can be compared by eye.
+        direction: ``"horizontal"`` (side by side), ``"vertical"`` (stacked) or ``"auto"``: stacked when one
+            panel is much wider than tall (e.g. sink_view over many layers), side by side otherwise.
         figsize: overall size (default: the two panels' preferred sizes side by side).
         **kwargs: passed to both calls (e.g. ``tokens=``, ``grid=``).
 
@@ -48,15 +53,20 @@ def before_after(
     _check_plot_fn(plot_fn)
     if len(titles) != 2:
         raise ValueError(f"titles must hold two strings (got {len(titles)}: {titles!r})")
+    if direction not in ("auto", "horizontal", "vertical"):
+        raise ValueError(f"direction must be 'auto', 'horizontal' or 'vertical' (got {direction!r})")
+    calls = [_call_args(data, arg, kwargs) for data in (before, after)]
+    if direction == "auto":
+        direction = "vertical" if _is_wide(plot_fn, *calls[0]) else "horizontal"
     fig = Figure(layout="constrained")
-    subfigs = fig.subfigures(1, 2, wspace=0.03)
-    for sub, data, panel_title in zip(subfigs, (before, after), titles):
-        args, call_kwargs = _call_args(data, arg, kwargs)
+    shape = (1, 2) if direction == "horizontal" else (2, 1)
+    subfigs = list(fig.subfigures(*shape, wspace=0.03, hspace=0.03).flat)
+    for sub, (args, call_kwargs), panel_title in zip(subfigs, calls, titles):
         plot_fn(*args, fig=sub, title=panel_title, **call_kwargs)
     if share_scale:
         _share_colour_scales(subfigs[0], subfigs[1])
         _share_y_limits(subfigs[0], subfigs[1])
-    fig.set_size_inches(figsize or _combined_size(subfigs))
+    fig.set_size_inches(figsize or _combined_size(subfigs, direction))
     if title:
         fig.suptitle(title, fontweight="bold")
     return fig
@@ -126,6 +136,16 @@ def _share_y_limits(left: FigureBase, right: FigureBase) -> None:
         ax_b.set_ylim(joint)
 
 
-def _combined_size(subfigs) -> tuple[float, float]:
-    sizes = [getattr(sub, PREFERRED_SIZE_ATTR, (6.0, 4.5)) for sub in subfigs]
-    return sum(w for w, _ in sizes) + 0.2, max(h for _, h in sizes) + 0.4
+def _is_wide(plot_fn: Callable, args: tuple, call_kwargs: dict) -> bool:
+    """Draw once into a scratch figure to learn the panel's preferred size; wide means w > 1.8 h."""
+    probe = Figure().subfigures(1, 1)
+    plot_fn(*args, fig=probe, title="", **call_kwargs)
+    width, height = getattr(probe, PREFERRED_SIZE_ATTR, _DEFAULT_SIZE)
+    return width > 1.8 * height
+
+
+def _combined_size(subfigs, direction: str) -> tuple[float, float]:
+    sizes = [getattr(sub, PREFERRED_SIZE_ATTR, _DEFAULT_SIZE) for sub in subfigs]
+    if direction == "vertical":
+        return max(w for w, _ in sizes) + 0.2, sum(h for _, h in sizes) + 0.5
+    return sum(w for w, _ in sizes) + 0.2, max(h for _, h in sizes) + 0.5

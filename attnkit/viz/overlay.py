@@ -16,7 +16,6 @@ from ._common import (
     check_finite_nonempty,
     check_labels,
     check_ndim,
-    grid_dims,
     new_figure,
     opaque_colorbar,
     shape_str,
@@ -204,7 +203,7 @@ def cross_attention_maps(
         grids = _minmax(grids)
     picture = as_image(image) if image is not None else None
 
-    n_rows, n_cols = (len(rows), len(picks)) if len(rows) > 1 else grid_dims(len(picks), max_cols)
+    n_rows, n_cols = (len(rows), len(picks)) if len(rows) > 1 else (-(-len(picks) // max_cols), min(len(picks), max_cols))
     fig = new_figure(fig, (2.2 * n_cols + 1.0, 2.2 * n_rows + 0.5))
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     lo, hi = (0.0, 1.0) if normalize else value_range(grids, vmin, vmax)

@@ -1,0 +1,87 @@
+"""Cost of generation: prefill latency, per-token decode latency, tokens/s, peak memory and KV-cache bytes.
+
+Latencies are wall-clock (``time.perf_counter``, with CUDA synchronisation on GPU). Peak memory is
+``torch.cuda.max_memory_allocated`` on CUDA (reset before the measurement) and the process's peak RSS
+(``ru_maxrss``, a lifetime high-water mark) on CPU — the CPU number is an upper bound, reported with its source.
+KV-cache bytes are summed over every tensor the cache holds after prefill + decode.
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8)).eval()
+    >>> c = measure_cost(m, torch.zeros(1, 5, dtype=torch.long), new_tokens=3)
+    >>> c["kv_cache_bytes"]  # 2 (K,V) x 2 layers x 1 head x (5+3-1) tokens x 8 dims x 4 bytes
+    896
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by a transformers Cache (every keys/values tensor of every layer) or a legacy tuple cache."""
+    if cache is None:
+        return 0
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return sum(t.numel() * t.element_size() for layer in layers
+                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                   if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for pair in cache for t in pair if isinstance(t, torch.Tensor))
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
+
+
+@torch.no_grad()
+def measure_cost(model, input_ids: torch.Tensor, new_tokens: int = 32, attention_mask=None) -> dict:
+    """Greedy prefill + ``new_tokens - 1`` decode steps with an explicit loop (EOS ignored, so counts are exact)."""
+    from transformers import DynamicCache
+
+    if new_tokens < 1:
+        raise ValueError(f"measure_cost: new_tokens must be >= 1, got {new_tokens}.")
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)  # [B, T]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cache = DynamicCache()
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    _sync(device)
+    prefill = time.perf_counter() - t0
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    decode = time.perf_counter() - t1
+    steps = new_tokens - 1
+    peak, source = _peak_memory(device)
+    batch = ids.shape[0]
+    return {
+        "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": new_tokens,
+        "prefill_s": prefill,
+        "decode_s_per_token": decode / steps if steps else 0.0,
+        "tokens_per_s": batch * steps / decode if steps and decode > 0 else 0.0,
+        "peak_memory_bytes": peak,
+        "peak_memory_source": source,
+        "kv_cache_bytes": kv_cache_bytes(out.past_key_values),
+    }
