@@ -323,6 +323,8 @@ class Handle:
             out = site.backend.run(query, key, value, attention_mask, scaling=scaling, entries=site.entries,
                                    make_ctx=make_ctx, causal=causal, softcap=softcap, dropout=dropout)
             out = out.transpose(1, 2).contiguous()  # [B, Q, H, D]
+            for entry in site.entries:
+                entry.calls += 1
         else:
             out, _ = _stock_function(site.module, site.original_impl)(
                 site.module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -341,11 +343,8 @@ class Handle:
             mask = causal_allowed(q_len, k_len, query.device)[None, None]
         if mask is not None:
             mask = mask[:, :, rows] if mask.shape[2] == q_len else mask
-        saved = [(e, e.calls) for e in site.entries]
         probs = eager_probs(query[:, :, rows], key, mask, scaling=scaling, entries=site.entries,
                             make_ctx=lambda e: make_ctx(e, rows), causal=False, softcap=softcap)  # [B,H,R,K]
-        for e, calls in saved:
-            e.calls = calls
         cap.add(site.layer, self.tracker.forward_index, probs, rows)
 
 

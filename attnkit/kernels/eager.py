@@ -47,7 +47,6 @@ def score_stage(scores: torch.Tensor, entries, make_ctx) -> torch.Tensor:
                 scores = scores + bias.float() * heads.view(1, -1, 1, 1)
         if "edit_scores" in caps:
             scores = select_heads(iv.edit_scores(scores, ctx).float(), scores, heads)
-        entry.calls += 1
     return scores
 
 
@@ -78,7 +77,6 @@ def prob_stage(probs: torch.Tensor, entries, make_ctx) -> torch.Tensor:
             probs = reweight_groups(probs, ids, lambda m: iv.group_factors(m, ctx), heads)
         if "edit_probs" in caps:
             probs = select_heads(iv.edit_probs(probs, ctx).float(), probs, heads)
-        entry.calls += 1
     return probs
 
 
@@ -88,8 +86,7 @@ def output_stage(out: torch.Tensor, entries, make_ctx) -> torch.Tensor:
         if "edit_output" in entry.intervention.capabilities():
             edited = entry.intervention.edit_output(out, make_ctx(entry)).to(out.dtype)
             out = select_heads(edited, out, entry.heads_on(out.device))
-            entry.calls += 1
-    return out
+        return out
 
 
 def eager_probs(q, k, mask, *, scaling, entries, make_ctx, causal, softcap=None) -> torch.Tensor:

@@ -50,7 +50,6 @@ def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, s
                 if b is not None:
                     b = b.float() * heads.view(1, -1, 1, 1)
                     bias = b if bias is None else bias + b
-            entry.calls += 1
     if bias is not None:
         base = additive_mask(mask, q.shape[2], k.shape[2], causal, q.device)
         mask = bias if base is None else base + bias  # [B|1, H, Q|1, K] broadcast by SDPA

@@ -231,3 +231,46 @@ def evaluate_captions(captions: Sequence[tuple], gt: Mapping | None = None,
     vocab = vocab or ChairVocab.load()
     gt = gt if gt is not None else load_ground_truth()
     return chair_metrics(score_caption(c, i, gt, vocab) for i, c in captions)
+
+
+# ------------------------------------------------------------------------------------------ task
+from attnkit.eval.task import Task  # noqa: E402
+
+
+class ChairTask(Task):
+    """Caption the coco_tiny images and score CHAIR. Params: ``prompt``, ``max_new_tokens``, ``instances``,
+    ``image_dir``."""
+
+    metrics = ("chair_s", "chair_i", "recall", "mean_length")
+    higher_is_better = {"chair_s": False, "chair_i": False, "recall": True, "mean_length": True}
+
+    def __init__(self, name, **params):
+        super().__init__(name, **params)
+        self._gt = self._vocab = None
+
+    def examples(self, tokenizer=None) -> list[dict]:
+        from attnkit.data import data_path
+
+        path = self.params.get("instances") or data_path("coco_tiny", "annotations", "instances_val2017.json",
+                                                         must_exist=True)
+        with open(path) as fh:
+            images = json.load(fh)["images"]
+        image_dir = Path(self.params.get("image_dir") or data_path("coco_tiny", "val2017"))
+        return [{"id": str(im["id"]), "image_id": int(im["id"]), "image": str(image_dir / im["file_name"])}
+                for im in sorted(images, key=lambda im: im["id"])]
+
+    def run_example(self, model, tokenizer, example: dict) -> dict:
+        from attnkit.eval.generation import generate_answer, is_multimodal, load_image
+
+        if self._gt is None:
+            self._gt, self._vocab = load_ground_truth(), ChairVocab.load()
+        image = load_image(example["image"]) if is_multimodal(tokenizer) else None
+        caption = generate_answer(model, tokenizer, self.params.get("prompt", "Please describe this image in detail."),
+                                  image, self.params.get("max_new_tokens", 64))
+        rec = score_caption(caption, example["image_id"], self._gt, self._vocab)
+        rec.update(caption=caption, image_used=image is not None)
+        return rec
+
+    def aggregate(self, records) -> dict:
+        m = chair_metrics(records)
+        return {k: float(m[k]) for k in self.metrics}

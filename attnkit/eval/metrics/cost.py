@@ -85,3 +85,38 @@ def measure_cost(model, input_ids: torch.Tensor, new_tokens: int = 32, attention
         "peak_memory_source": source,
         "kv_cache_bytes": kv_cache_bytes(out.past_key_values),
     }
+
+
+# ------------------------------------------------------------------------------------------ task
+from attnkit.eval.task import Task  # noqa: E402
+
+
+class CostTask(Task):
+    """Cost over prompt lengths (tokens of real essay text) × repeats. Params: ``prompt_lengths``,
+    ``new_tokens``, ``repeats``."""
+
+    metrics = ("decode_s_per_token", "prefill_s", "tokens_per_s", "peak_memory_bytes", "kv_cache_bytes")
+    higher_is_better = {"tokens_per_s": True, "decode_s_per_token": False, "prefill_s": False,
+                        "peak_memory_bytes": False, "kv_cache_bytes": False}
+
+    def __init__(self, name, **params):
+        super().__init__(name, **params)
+        self._ids = None
+
+    def examples(self, tokenizer=None) -> list[dict]:
+        return [{"id": f"L{L}_r{r}", "prompt_tokens": int(L)}
+                for L in self.params.get("prompt_lengths", [128, 512]) for r in range(self.params.get("repeats", 3))]
+
+    def run_example(self, model, tokenizer, example: dict) -> dict:
+        if self._ids is None:
+            from attnkit.eval.metrics.niah import haystack_ids
+
+            self._ids = haystack_ids(tokenizer, max(self.params.get("prompt_lengths", [512])))
+        ids = torch.tensor([self._ids[: example["prompt_tokens"]]])  # [1, L]
+        return measure_cost(model, ids, self.params.get("new_tokens", 32))
+
+    def aggregate(self, records) -> dict:
+        n = len(records)
+        out = {k: sum(r[k] for r in records) / n if n else 0.0 for k in self.metrics}
+        out["peak_memory_bytes"] = max((r["peak_memory_bytes"] for r in records), default=0)
+        return out

@@ -134,3 +134,52 @@ def heatmap(records: Sequence[dict], title: str = "Needle in a haystack"):
     fig.colorbar(im, ax=ax, label="ROUGE-1 recall ×100")
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------------------ task
+from attnkit.eval.task import Task  # noqa: E402
+
+
+class NiahTask(Task):
+    """NIAH grid. Params: ``context_lengths`` (list), ``depths`` (list) or ``n_depths`` + ``depth_spacing``,
+    ``buffer``, ``prompt_style`` (auto|base|chat), ``max_new_tokens``, ``essay_dir``."""
+
+    metrics = ("score", "hit_rate")
+
+    def __init__(self, name, **params):
+        super().__init__(name, **params)
+        self._hay = None
+
+    def _depths(self) -> list:
+        p = self.params
+        return list(p["depths"]) if "depths" in p else depth_grid(p.get("n_depths", 10),
+                                                                   p.get("depth_spacing", "linear"))
+
+    def examples(self, tokenizer=None) -> list[dict]:
+        lengths = self.params.get("context_lengths", [1000, 2000, 4000])
+        return [{"id": f"L{L}_d{d}", "context_length": int(L), "depth": d}
+                for L in lengths for d in self._depths()]
+
+    def run_example(self, model, tokenizer, example: dict) -> dict:
+        p = self.params
+        if self._hay is None:
+            self._hay = haystack_ids(tokenizer, max(p.get("context_lengths", [4000])), p.get("essay_dir"))
+        needle = tokenizer(NEEDLE, add_special_tokens=False)["input_ids"]
+        ids = insert_needle(self._hay, needle, example["depth"], example["context_length"],
+                            p.get("buffer", 200), period_token_ids(tokenizer))
+        prompt = build_prompt(tokenizer, tokenizer.decode(ids), QUESTION, p.get("prompt_style", "auto"))
+        from attnkit.eval.metrics.rouge import rouge1_recall
+
+        answer = greedy_answer(model, tokenizer, prompt, p.get("max_new_tokens", 50))
+        score = 100.0 * rouge1_recall(REFERENCE, answer)
+        return {"context_length": example["context_length"], "depth": example["depth"],
+                "haystack_tokens": len(ids), "answer": answer, "score": score}
+
+    def aggregate(self, records) -> dict:
+        n = len(records)
+        return {"score": sum(r["score"] for r in records) / n if n else 0.0,
+                "hit_rate": sum(r["score"] > 50 for r in records) / n if n else 0.0}
+
+    def figures(self, records_by_arm) -> dict:
+        return {f"niah_heatmap_{arm}": heatmap(recs, title=f"NIAH — {arm}")
+                for arm, recs in records_by_arm.items() if recs}

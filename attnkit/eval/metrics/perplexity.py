@@ -187,3 +187,59 @@ def wikitext_blocks(tokenizer, split: str = "test", block_tokens: int = 1024, pa
     path = Path(path) if path else data_path("wikitext-2", f"{split}.txt", must_exist=True)
     ids = torch.tensor(tokenizer(path.read_text(), add_special_tokens=False)["input_ids"])
     return [ids[i:i + block_tokens] for i in range(0, len(ids) - block_tokens + 1, block_tokens)]
+
+
+# ------------------------------------------------------------------------------------------ task
+from attnkit.eval.task import Task  # noqa: E402
+
+
+def make_policy(spec, **kw):
+    """``"dense"``, ``"sink_window"`` (kwargs sink/window/shift_positions) or ``"module:factory"`` (called with kw)."""
+    if spec in (None, "dense"):
+        return DensePolicy()
+    if spec == "sink_window":
+        return SinkWindowPolicy(**kw)
+    if isinstance(spec, str) and ":" in spec:
+        import importlib
+
+        module, _, attr = spec.partition(":")
+        return getattr(importlib.import_module(module), attr)(**kw)
+    raise ValueError(f"cache policy {spec!r} unknown; use 'dense', 'sink_window' or 'package.module:factory'.")
+
+
+class PerplexityTask(Task):
+    """wikitext-2 perplexity over blocks of ``block_tokens``; ``mode: strided`` (``max_length``, ``stride``) or
+    ``mode: streaming`` (``policy``, ``sink``, ``window``, ``shift_positions``)."""
+
+    metrics = ("ppl", "nll_per_token")
+    higher_is_better = {"ppl": False, "nll_per_token": False}
+
+    def __init__(self, name, **params):
+        super().__init__(name, **params)
+        self._blocks = None
+
+    def _ensure_blocks(self, tokenizer):
+        if self._blocks is None:
+            self._blocks = wikitext_blocks(tokenizer, self.params.get("split", "test"),
+                                           self.params.get("block_tokens", 1024), self.params.get("path"))
+        return self._blocks
+
+    def examples(self, tokenizer=None) -> list[dict]:
+        if tokenizer is None:
+            raise ValueError("PerplexityTask.examples needs the tokenizer (blocks are in model tokens).")
+        return [{"id": str(i), "block": i} for i in range(len(self._ensure_blocks(tokenizer)))]
+
+    def run_example(self, model, tokenizer, example: dict) -> dict:
+        ids = self._ensure_blocks(tokenizer)[example["block"]]
+        p = self.params
+        if p.get("mode", "strided") == "streaming":
+            kw = {k: p[k] for k in ("sink", "window", "shift_positions") if k in p}
+            nll, n = streaming_nll(model, ids, make_policy(p.get("policy", "sink_window"), **kw))
+        else:
+            nll, n = strided_nll(model, ids, p.get("max_length"), p.get("stride"))
+        return {"nll": nll, "n_tokens": n}
+
+    def aggregate(self, records) -> dict:
+        nll = sum(r["nll"] for r in records)
+        n = sum(r["n_tokens"] for r in records)
+        return {"ppl": perplexity(nll, n), "nll_per_token": nll / n if n else float("inf")}

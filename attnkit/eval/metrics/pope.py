@@ -244,3 +244,47 @@ def metrics_from_records(records: Iterable[dict], zero_division: float = 0.0) ->
     """Aggregate per-example runner records (fields ``pred``, ``label``) into POPE metrics."""
     records = list(records)
     return pope_metrics([r["pred"] for r in records], [r["label"] for r in records], zero_division)
+
+
+# ----------------------------------------------------------------------------------------------- task
+from attnkit.eval.task import Task  # noqa: E402  (tasks sit below the model-free metric code)
+
+
+class PopeTask(Task):
+    """POPE on generated coco_tiny questions (``source: coco_tiny``) or a shipped/own question file
+    (``source: pope_file`` → ``pope/coco_pope_<split>.json``, or ``question_file: path``).
+
+    Params: ``split``, ``source``, ``parser`` ("robust"|"official"), ``seed``, ``max_new_tokens``,
+    ``prompt_suffix``, ``image_dir``, ``zero_division``.
+    """
+
+    metrics = ("f1", "accuracy", "precision", "recall", "yes_ratio", "unknown_ratio")
+    higher_is_better = {"unknown_ratio": False}
+
+    def examples(self, tokenizer=None) -> list[dict]:
+        from attnkit.data import data_path
+
+        p = self.params
+        split = p.get("split", "random")
+        if p.get("question_file") or p.get("source") == "pope_file":
+            path = p.get("question_file") or data_path("pope", f"coco_pope_{split}.json")
+            rows = load_questions(path)
+            image_dir = p.get("image_dir")
+        else:
+            rows = coco_questions(split, seed=p.get("seed", 0))
+            image_dir = p.get("image_dir") or data_path("coco_tiny", "val2017")
+        return [{"id": str(r["question_id"]), "text": r["text"], "label": r["label"],
+                 "image": str(Path(image_dir) / r["image"]) if image_dir else None} for r in rows]
+
+    def run_example(self, model, tokenizer, example: dict) -> dict:
+        from attnkit.eval.generation import generate_answer, is_multimodal, load_image
+
+        image = load_image(example["image"]) if example["image"] and is_multimodal(tokenizer) else None
+        prompt = example["text"] + self.params.get("prompt_suffix", " Answer yes or no.")
+        answer = generate_answer(model, tokenizer, prompt, image, self.params.get("max_new_tokens", 8))
+        return {"answer": answer, "pred": parse_answer(answer, self.params.get("parser", "robust")),
+                "label": example["label"], "image_used": image is not None}
+
+    def aggregate(self, records) -> dict:
+        m = metrics_from_records(records, self.params.get("zero_division", 0.0))
+        return {k: float(m[k]) for k in self.metrics}

