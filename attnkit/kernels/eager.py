@@ -86,7 +86,7 @@ def output_stage(out: torch.Tensor, entries, make_ctx) -> torch.Tensor:
         if "edit_output" in entry.intervention.capabilities():
             edited = entry.intervention.edit_output(out, make_ctx(entry)).to(out.dtype)
             out = select_heads(edited, out, entry.heads_on(out.device))
-        return out
+    return out
 
 
 def eager_probs(q, k, mask, *, scaling, entries, make_ctx, causal, softcap=None) -> torch.Tensor:
