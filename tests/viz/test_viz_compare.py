@@ -9,8 +9,8 @@ from attnkit.viz import attention_heatmap, before_after, head_score_grid, image_
 
 
 def test_heatmaps_side_by_side_share_one_scale(causal_probs, tmp_path):
-    after = causal_probs * 0.5
-    fig = before_after(causal_probs, after, attention_heatmap, tokens=list("abcde"), title="VAR")
+    before, after = causal_probs * 0.5, causal_probs  # each side alone would get a different scale
+    fig = before_after(before, after, attention_heatmap, tokens=list("abcde"), title="VAR")
     left, right = fig.subfigs
     assert (left.get_suptitle(), right.get_suptitle(), fig.get_suptitle()) == ("baseline", "intervened", "VAR")
     assert len(left.axes) == len(right.axes) == 4
@@ -42,10 +42,11 @@ def test_wide_sink_views_stack_and_share_y_limits():
 
 
 def test_keyword_and_mapping_data(rgb_image):
-    fig = before_after(torch.rand(12), torch.rand(12), image_overlay, arg="token_attention", image=rgb_image,
-                       grid=(3, 4))
+    fig = before_after(torch.linspace(0, 1, 12), torch.linspace(0.5, 3, 12), image_overlay, arg="token_attention",
+                       image=rgb_image, grid=(3, 4))
     heats = [sub.axes[1].images[1] for sub in fig.subfigs]
-    assert heats[0].get_clim() == heats[1].get_clim()
+    assert heats[0].get_clim() == heats[1].get_clim() == (0.0, 3.0)
+    assert fig.subfigs[0].axes[-1].get_ylim() == (0.0, 3.0)  # the opaque colour bar follows the shared scale
     fig = before_after({"first_token_mass": torch.rand(4), "other_sink_mass": torch.rand(4)},
                        {"first_token_mass": torch.rand(4)}, sink_view, titles=("a", "b"))
     assert [len(sub.axes[0].lines) for sub in fig.subfigs] == [2, 1]
