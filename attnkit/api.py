@@ -79,6 +79,8 @@ class Handle:
         self._warned: set[str] = set()
         self._calls_at_forward_start: dict[int, int] = {}
         self._outer_depth = 0
+        self.step = 0  # diffusers: denoiser calls so far
+        self.text_len: int | None = None  # diffusers: encoder_hidden_states length of the current call
         self.adapter = _adapter_for(obj)
         info = self.adapter.model_info()
         self.model_info = info
@@ -95,9 +97,10 @@ class Handle:
         by_site: dict[int, Any] = {}
         site_index = {(s.component, s.layer): s for s in self.adapter.sites}
         for iv in self.interventions:
-            comp = info.get(iv.component)
+            component = iv.component or info["default_component"]
+            comp = info.get(component)
             if comp is None:
-                raise AttachError(f"{iv.name}: this model has no {iv.component!r} attention layers to target")
+                raise AttachError(f"{iv.name}: this model has no {component!r} attention layers to target")
             iv.setup(info)
             try:
                 layer_heads = iv.target.resolve(comp["num_layers"], comp["num_heads"])
@@ -105,7 +108,7 @@ class Handle:
                 raise AttachError(f"{iv.name}: {err}") from None
             matched = 0
             for layer, heads in layer_heads.items():
-                site = site_index.get((iv.component, layer))
+                site = site_index.get((component, layer))
                 if site is None or not iv.target.matches_module(site.qualname):
                     continue
                 head_mask = torch.zeros(site.num_heads, dtype=torch.bool)
@@ -205,7 +208,7 @@ class Handle:
         finally:
             self.enabled = previous
 
-    def capture(self, layers=None, heads=None, queries="last", component: str = "text") -> Capture:
+    def capture(self, layers=None, heads=None, queries="last", component: str | None = None) -> Capture:
         """Start capturing attention probabilities of the selected rows (after this handle's edits).
 
         ``queries``: "last" (default), "all" (full maps, N² memory), a slice, an int or a list of row indices."""
@@ -213,7 +216,7 @@ class Handle:
             layers = [layers] if isinstance(layers, int) else list(layers)
         if heads is not None:
             heads = [heads] if isinstance(heads, int) else list(heads)
-        cap = Capture(layers, heads, queries, component, _handle=self)
+        cap = Capture(layers, heads, queries, component or self.model_info["default_component"], _handle=self)
         self._captures.append(cap)
         return cap
 
@@ -346,6 +349,44 @@ class Handle:
         probs = eager_probs(query[:, :, rows], key, mask, scaling=scaling, entries=site.entries,
                             make_ctx=lambda e: make_ctx(e, rows), causal=False, softcap=softcap)  # [B,H,R,K]
         cap.add(site.layer, self.tracker.forward_index, probs, rows)
+
+    # ---- diffusers runtime (called from the processor wrappers) -------------------------------------------------
+    def _pre_forward_denoiser(self, module, args, kwargs):
+        self.step += 1
+        encoder = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        self.text_len = encoder.shape[1] if isinstance(encoder, torch.Tensor) else None
+        self._calls_at_forward_start = self._intervention_calls()
+
+
+    def _run_diffusers_sdpa(self, site, spans_for, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                            scale=None, enable_gqa=False):
+        """One intercepted SDPA call inside a diffusers processor. q [B,H,Q,D], k/v [B,Hkv,K,D] → [B,H,Q,D]."""
+        batch, num_heads, q_len, head_dim = query.shape
+        k_len = key.shape[2]
+        scaling = head_dim**-0.5 if scale is None else scale
+        spans = {name: m[None].expand(batch, -1).to(query.device) for name, m in spans_for(k_len).items()}
+
+        def make_ctx(entry, rows=None):
+            return self.make_context(site, entry, q_len, k_len, batch, query.device, bool(is_causal), None, rows,
+                                     spans=spans, step=self.step)
+
+        if site.entries:
+            out = site.backend.run(query, key, value, attn_mask, scaling=scaling, entries=site.entries,
+                                   make_ctx=make_ctx, causal=bool(is_causal), dropout=dropout_p)
+            for entry in site.entries:
+                entry.calls += 1
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
+                                                                   dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                                                   enable_gqa=enable_gqa)
+        for cap in self._captures:
+            if cap.wants(site.layer, site.component):
+                rows = cap.rows(q_len).to(query.device)
+                mask = attn_mask[..., rows, :] if attn_mask is not None and attn_mask.shape[-2] == q_len else attn_mask
+                probs = eager_probs(query[:, :, rows], key, mask, scaling=scaling, entries=site.entries,
+                                    make_ctx=lambda e: make_ctx(e, rows), causal=False)  # [B,H,R,K]
+                cap.add(site.layer, self.step, probs, rows, kind=site.kind)
+        return out
 
 
 def attach(model_or_pipeline, recipe: Any = (), backend: str = "auto") -> Handle:

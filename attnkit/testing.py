@@ -150,3 +150,92 @@ def _llava_next_pixels(model, batch, g):
     feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
     n_img = feats[0].shape[0] if isinstance(feats, (list, tuple)) else feats.shape[1]
     return n_img, pixel, sizes
+
+
+# ---- diffusers -------------------------------------------------------------------------------------------------
+DIFFUSION_FAMILIES = ("unet", "sd3", "flux", "pixart", "dit")
+
+
+def tiny_denoiser(family: str = "unet", seed: int = 0):
+    """A tiny random diffusers denoiser: UNet2DConditionModel, SD3, Flux, PixArt or DiT transformer."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    if family == "unet":
+        model = diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+    elif family == "sd3":
+        model = diffusers.SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+            joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4)
+    elif family == "flux":
+        model = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+    elif family == "pixart":
+        model = diffusers.PixArtTransformer2DModel(
+            sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2, in_channels=4, out_channels=8,
+            cross_attention_dim=16, caption_channels=32, patch_size=2, norm_type="ada_norm_single")
+    elif family == "dit":
+        model = diffusers.DiTTransformer2DModel(
+            sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2, in_channels=4, out_channels=8,
+            patch_size=2, num_embeds_ada_norm=10)
+    else:
+        raise KeyError(f"unknown tiny diffusion family {family!r}; choose from {DIFFUSION_FAMILIES}")
+    return model.eval()
+
+
+def denoiser_inputs(family: str, batch: int = 2, seed: int = 0) -> dict:
+    """Random inputs for :func:`tiny_denoiser` (text length 5)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    t = torch.tensor([10] * batch)
+    if family == "unet":
+        return dict(sample=rand(batch, 4, 8, 8), timestep=t, encoder_hidden_states=rand(batch, 5, 32))
+    if family == "sd3":
+        return dict(hidden_states=rand(batch, 4, 8, 8), timestep=t, encoder_hidden_states=rand(batch, 5, 32),
+                    pooled_projections=rand(batch, 16))
+    if family == "flux":
+        return dict(hidden_states=rand(batch, 16, 16), timestep=t.float() / 1000, encoder_hidden_states=rand(batch, 5, 32),
+                    pooled_projections=rand(batch, 16), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3))
+    if family == "pixart":
+        return dict(hidden_states=rand(batch, 4, 8, 8), timestep=t, encoder_hidden_states=rand(batch, 5, 32),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    if family == "dit":
+        return dict(hidden_states=rand(batch, 4, 8, 8), timestep=t, class_labels=torch.tensor([1] * batch))
+    raise KeyError(family)
+
+
+def tiny_sd_pipeline(seed: int = 0):
+    """A tiny StableDiffusionPipeline assembled offline (random weights, in-memory CLIP tokenizer)."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    words = ["a", "cat", "dog", "photo", "of", "red", "blue", "car", "on", "the", "grass", "sky"]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "<unk>": 2}
+    for w in words:
+        vocab[w + "</w>"] = len(vocab)
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = f"{tmp}/vocab.json", f"{tmp}/merges.txt"
+        json.dump(vocab, open(vocab_file, "w"))
+        open(merges_file, "w").write("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(vocab_file, merges_file, model_max_length=8, pad_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=8,
+                                                bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    unet = tiny_denoiser("unet", seed=seed)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,),
+                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                                  norm_num_groups=32, sample_size=8).eval()
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=100, steps_offset=1, clip_sample=False)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

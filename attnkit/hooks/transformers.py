@@ -182,7 +182,8 @@ class TransformersAdapter:
     def model_info(self) -> dict:
         config = self.model.config
         text = config.get_text_config(decoder=True)
-        info = {"kind": self.kind, "model_type": getattr(config, "model_type", None), "config": config}
+        info = {"kind": self.kind, "model_type": getattr(config, "model_type", None), "config": config,
+                "default_component": "text"}
         for comp in ("text", "vision"):
             comp_sites = [s for s in self.sites if s.component == comp]
             if comp_sites:

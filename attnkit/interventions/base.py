@@ -84,6 +84,8 @@ class AttentionContext:
         """Bool ``[B, K]``: which keys of this call belong to span ``name`` (see :mod:`attnkit.spans`)."""
         if name in self.spans:
             return self.spans[name].to(self.device)
+        if self.tracker is None:
+            raise KeyError(f"span {name!r} is not available here; available: {sorted(self.spans)}")
         mask = self.tracker.mask(name)[:, self._positions(self.k_len)]  # [B, K]
         return mask.to(self.device, non_blocking=True)
 
@@ -91,6 +93,8 @@ class AttentionContext:
         """Bool ``[B, Q]``: which queries of this call belong to span ``name``."""
         if name in self.spans:
             q_mask = self.spans[name][:, -self.q_len :]
+        elif self.tracker is None:
+            raise KeyError(f"span {name!r} is not available here; available: {sorted(self.spans)}")
         else:
             q_mask = self.tracker.mask(name)[:, self._positions(self.q_len)]  # [B, Q]
         q_mask = q_mask.to(self.device)
@@ -111,7 +115,7 @@ class Intervention:
     #: prefer this in error messages and reports
     description: ClassVar[str] = ""
 
-    def __init__(self, layers=None, heads=None, modules: str | None = None, component: str = "text"):
+    def __init__(self, layers=None, heads=None, modules: str | None = None, component: str | None = None):
         self.target = Target(layers=layers, heads=heads, modules=modules)
         self.component = component
 
@@ -120,8 +124,11 @@ class Intervention:
         """The hooks this intervention overrides (what a backend must support)."""
         return {h for h in HOOKS if getattr(type(self), h) is not getattr(Intervention, h)}
 
-    def key_groups(self) -> tuple[str, ...]:
-        """Span names defining the groups for :meth:`group_factors` (group 0 is everything else)."""
+    def key_groups(self) -> tuple:
+        """Span names defining the groups for :meth:`group_factors` (group 0 is everything else).
+
+        An entry may also be a callable ``ctx -> bool [B, K]`` for masks computed per layer at run time (e.g. VAR's
+        sink tokens, found from each layer's hidden states)."""
         return ()
 
     def setup(self, model_info: dict) -> None:
@@ -157,9 +164,11 @@ class Intervention:
         raise NotImplementedError
 
 
-def key_group_ids(ctx: AttentionContext, names: tuple[str, ...]) -> torch.Tensor:
-    """``[B, K]`` long group id per key: g+1 for the first span in ``names`` containing it, 0 otherwise."""
+def key_group_ids(ctx: AttentionContext, names: tuple) -> torch.Tensor:
+    """``[B, K]`` long group id per key: g+1 for the first span in ``names`` containing it, 0 otherwise.
+    An entry of ``names`` is a span name or a callable ``ctx -> bool [B, K]`` (a computed span)."""
     ids = torch.zeros(ctx.batch, ctx.k_len, dtype=torch.long, device=ctx.device)  # [B, K]
     for g in reversed(range(len(names))):
-        ids = torch.where(ctx.key_mask(names[g]), torch.full_like(ids, g + 1), ids)
+        mask = names[g](ctx) if callable(names[g]) else ctx.key_mask(names[g])  # [B, K] bool
+        ids = torch.where(mask.to(ctx.device), torch.full_like(ids, g + 1), ids)
     return ids

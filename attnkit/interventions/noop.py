@@ -31,7 +31,7 @@ class Noop(Intervention):
         return set(self.hooks)
 
     def key_groups(self):
-        return ("first",)
+        return ("text",)  # a span that exists for transformers and diffusers models alike
 
     def query_scale(self, ctx):
         return torch.ones(ctx.num_heads, device=ctx.device)
