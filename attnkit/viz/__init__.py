@@ -18,16 +18,20 @@ from .heatmap import attention_heatmap
 from .io import save_figure
 from .overlay import as_image, cross_attention_maps, image_overlay, to_grid
 from .sinks import sink_view
+from .tokens import detect_scheme, readable_token, token_labels
 
 __all__ = [
     "as_image",
     "attention_heatmap",
     "before_after",
+    "detect_scheme",
     "cross_attention_maps",
     "head_score_grid",
     "image_overlay",
+    "readable_token",
     "save_figure",
     "sink_view",
     "to_grid",
+    "token_labels",
     "top_k_heads",
 ]

@@ -67,7 +67,7 @@ def test_plot_fn_without_fig_keyword_is_rejected():
         before_after(torch.rand(2, 2), torch.rand(2, 2), head_score_grid, titles=("x",))
 
 
-@pytest.mark.parametrize("module", ["compare", "heads", "heatmap", "io", "overlay", "sinks", "__init__"])
+@pytest.mark.parametrize("module", ["compare", "heads", "heatmap", "io", "overlay", "sinks", "tokens", "__init__"])
 def test_docstring_examples_run(module):
     mod = importlib.import_module("attnkit.viz" if module == "__init__" else f"attnkit.viz.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
