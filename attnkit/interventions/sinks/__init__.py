@@ -1,0 +1,1 @@
+"""Sink redistribution: sink detection, VAR, ACT and the StreamingLLM sink + window KV cache."""

@@ -1,0 +1,137 @@
+"""ACT — Attention Calibration Technique (Yu et al., ICML 2024), METHODS.md §2.
+
+Per (layer, head) a sink set Ŝ is found at prefill from column scores (mean attention a key receives from the
+queries that see it); then in every row the sinks keep ``beta`` of their attention and the freed mass
+``(1−β)·Σ_Ŝ A`` goes back to the non-sink keys in proportion. Ŝ is fixed at prefill and applied to every decoding
+row (METHODS.md's recommendation; the released code only ever runs prefill).
+
+The calibration is a group reweighting (:meth:`group_factors`). Sink sets differ per head, so keys are grouped by
+their *head-membership pattern* (which of this layer's target heads call the key a sink): at most ``max_patterns``
+groups, usually a handful. Detection itself needs column statistics of the prefill attention; it runs in
+``edit_scores`` (eager) until a backend hook for column mass exists.
+
+Defaults (code vs paper):
+  * ``sink_test="code"``: ``c_j > theta`` with θ = 0.1 (released code); ``"paper"``: ``c_j > alpha/N``, α = 5 [2nd].
+  * ``drop_first="detected"``: the first detected sink of each head is dropped (code ``indices[1:]``);
+    ``"token"`` spares only the first token; ``"none"``.
+  * β = 0.4; layers are chosen by the recipe (code: 2..L−2, see the ``act-llama`` preset); heads by the
+    calibration sweep (:mod:`attnkit.interventions.calibration.act_select`).
+
+Example (METHODS.md calibration example, Ŝ = {3}, β = 0.4):
+    >>> import torch
+    >>> A = torch.tensor([0.30, 0.10, 0.10, 0.30, 0.10, 0.10])
+    >>> sink = torch.tensor([False, False, False, True, False, False])
+    >>> [round(x, 6) for x in act_calibrate_row(A, sink, beta=0.4).tolist()]
+    [0.377143, 0.125714, 0.125714, 0.12, 0.125714, 0.125714]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.interventions.base import Intervention, register_intervention
+from attnkit.interventions.sinks.detect import act_sinks
+from attnkit.kernels.masks import causal_allowed
+
+
+def act_calibrate_row(probs: torch.Tensor, sinks: torch.Tensor, beta: float = 0.4) -> torch.Tensor:
+    """Reference rule on materialised rows ``[..., K]`` with a sink mask broadcastable to it."""
+    probs = probs.float()
+    sink_mass = (probs * sinks).sum(-1, keepdim=True)  # [..., 1]
+    rest = probs.sum(-1, keepdim=True) - sink_mass
+    budget = (1.0 - beta) * sink_mass
+    calibrated = torch.where(sinks, beta * probs, probs + budget * probs / rest.clamp_min(1e-30))
+    return torch.where(rest > 0, calibrated, probs)
+
+
+def act_factors(mass: torch.Tensor, sink_groups: torch.Tensor, beta: float) -> torch.Tensor:
+    """Factors ``[B, H, Q, G]`` from masses ``[B, H, Q, G]`` and ``sink_groups`` bool ``[B, H, G]`` (group g is a sink
+    group for head h). Sinks ×β, other groups ×(1−βS)/(1−S), so ``Σ M_g c_g = 1``."""
+    sink_g = sink_groups[:, :, None, :]  # [B, H, 1, G]
+    s = (mass * sink_g).sum(-1, keepdim=True)  # [B, H, Q, 1]
+    rest = mass.sum(-1, keepdim=True) - s
+    other = (1.0 - beta * s) / rest.clamp_min(1e-30)  # [B, H, Q, 1]
+    factors = torch.where(sink_g, torch.full_like(mass, beta), other.expand_as(mass))
+    return torch.where((rest > 1e-12) & (s > 0), factors, torch.ones_like(factors))
+
+
+@register_intervention
+class ACT(Intervention):
+    name = "act"
+    description = "Attention Calibration Technique: scale hidden attention sinks by beta, give the mass back"
+
+    def __init__(self, beta: float = 0.4, sink_test: str = "code", theta: float = 0.1, alpha: float = 5.0,
+                 drop_first: str = "detected", max_patterns: int = 32, **target):
+        super().__init__(**target)
+        if sink_test not in ("code", "paper"):
+            raise ValueError(f"act: unknown sink_test {sink_test!r}; use 'code' or 'paper'")
+        if drop_first not in ("detected", "token", "none"):
+            raise ValueError(f"act: unknown drop_first {drop_first!r}; use 'detected', 'token' or 'none'")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"act: beta must lie in [0, 1], got {beta}")
+        self.beta, self.sink_test, self.theta, self.alpha = beta, sink_test, theta, alpha
+        self.drop_first, self.max_patterns = drop_first, max_patterns
+
+    # ---- detection at prefill (needs the prefill probabilities) ----------------------------------------------
+    def edit_scores(self, scores: torch.Tensor, ctx) -> torch.Tensor:  # scores [B, H, Q, K], before masking
+        if not ctx.is_prefill or ctx.query_rows is not None or ctx.q_len != ctx.k_len:
+            return scores
+        real = ctx.key_mask("real") if ctx.tracker is not None else None  # [B, K]
+        allowed = causal_allowed(ctx.q_len, ctx.k_len, scores.device)[None, None]  # [1, 1, Q, K]
+        if real is not None:
+            allowed = allowed & real[:, None, None, :]
+        probs = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+        sinks = act_sinks(probs, real, test=self.sink_test, theta=self.theta, alpha=self.alpha,
+                          drop_first=self.drop_first)  # [B, H, K]
+        sinks &= ctx.heads.to(sinks.device)[None, :, None]
+        self._store_patterns(sinks.cpu(), ctx)
+        return scores
+
+    def _store_patterns(self, sinks: torch.Tensor, ctx) -> None:
+        """Group keys by which heads call them sinks. sinks [B, H, T0] → slot per key [B, T0], heads per slot."""
+        batch, num_heads, length = sinks.shape
+        weights = 2 ** torch.arange(num_heads, dtype=torch.long)  # head bit weights
+        codes = (sinks.long() * weights[None, :, None]).sum(1)  # [B, T0]
+        slot = torch.zeros(batch, length, dtype=torch.long)
+        slot_heads = torch.zeros(batch, num_heads, self.max_patterns + 1, dtype=torch.bool)  # [B, H, G]
+        for b in range(batch):
+            patterns = [int(c) for c in torch.unique(codes[b]).tolist() if c != 0]
+            if len(patterns) > self.max_patterns:
+                raise ValueError(f"act: layer {ctx.layer} has {len(patterns)} distinct sink patterns across heads; "
+                                 f"raise max_patterns (now {self.max_patterns}) or target fewer heads")
+            for i, code in enumerate(patterns, start=1):
+                slot[b][codes[b] == code] = i
+                slot_heads[b, :, i] = (code & weights) != 0
+        ctx.state["act_slot"] = slot
+        ctx.state["act_slot_heads"] = slot_heads
+
+    def sinks(self, ctx) -> torch.Tensor | None:
+        """The detected sink set of this layer as bool ``[B, H, T0]`` (prefill positions), or None."""
+        slot, heads = ctx.state.get("act_slot"), ctx.state.get("act_slot_heads")
+        if slot is None:
+            return None
+        return torch.gather(heads, 2, slot[:, None, :].expand(-1, heads.shape[1], -1))  # [B, H, T0]
+
+    # ---- the rule -------------------------------------------------------------------------------------------
+    def _slot_mask(self, i: int):
+        def mask(ctx) -> torch.Tensor:  # [B, K]
+            slot = ctx.state.get("act_slot")
+            out = torch.zeros(ctx.batch, ctx.tracker.length, dtype=torch.bool)
+            if slot is not None and slot.shape[0] == ctx.batch:
+                n = min(slot.shape[1], out.shape[1])
+                out[:, :n] = slot[:, :n] == i
+            return out[:, ctx._positions(ctx.k_len)].to(ctx.device)
+
+        return mask
+
+    def key_groups(self):
+        if not hasattr(self, "_groups"):
+            self._groups = tuple(self._slot_mask(i) for i in range(1, self.max_patterns + 1))
+        return self._groups
+
+    def group_factors(self, mass: torch.Tensor, ctx) -> torch.Tensor:  # mass [B, H, Q, G]
+        slot_heads = ctx.state.get("act_slot_heads")
+        if slot_heads is None:
+            return torch.ones_like(mass)
+        sink_groups = slot_heads.to(mass.device)[:, :, : mass.shape[-1]]  # [B, H, G]
+        return act_factors(mass, sink_groups, self.beta)

@@ -1,0 +1,167 @@
+"""StreamingLLM (Xiao et al., ICLR 2024), METHODS.md §3: a sink + window KV-cache policy that works with
+``generate()``.
+
+After every forward call the KV cache is cut to the first ``num_sinks`` real tokens of each sample plus the last
+``window`` tokens (``num_sinks + window`` entries, the streaming-llm convention: ``window`` excludes the sinks; HF's
+old ``SinkCache.window_length`` included them). Positions are *cache slots*: kept keys are re-rotated so that the
+real tokens in the cache sit at RoPE positions ``0..n−1``, and the next query gets position ``n`` — the worked
+example: sinks {t0, t1} + window {t7, t8, t9} at positions 0..4, next query t10 at 5. Re-rotating stored (post-RoPE)
+keys by the position shift is exact because RoPE rotations compose (``R(a)R(b) = R(a+b)``).
+
+Between calls the cache never exceeds ``num_sinks + window``; during a call it holds that plus the new tokens
+(prefill is ordinary full attention, as in the paper). Paper default: 4 sinks (``num_sinks=4``); chat demo window
+2000; the PPL script's defaults are 1 sink + 255 recent. Requires RoPE models with full-attention (non-sliding)
+cache layers; ALiBi/absolute-position models (gpt2) are rejected. With left padding, the sinks are each sample's
+first real tokens. Interventions reading token spans (VAR, PASTA, …) should not be stacked on top: after eviction
+the cache is no longer a contiguous suffix of the sequence.
+
+Example:
+    >>> import torch, attnkit
+    >>> from attnkit.testing import tiny_causal_lm
+    >>> model = tiny_causal_lm("llama")
+    >>> with attnkit.attach(model, [StreamingLLM(num_sinks=2, window=3)]):
+    ...     out = model.generate(torch.tensor([[1, 5, 7, 9, 11, 13]]), max_new_tokens=4, do_sample=False)
+    >>> out.shape
+    torch.Size([1, 10])
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.interventions.base import Intervention, register_intervention
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rerotate(keys: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move post-RoPE keys ``[B, Hkv, K, D]`` by ``shift`` positions ``[B, K]`` (rotary dims = 2·len(inv_freq),
+    the first ones, as in HF's partial rotary)."""
+    rot = inv_freq.numel() * 2
+    angles = shift.float()[..., None] * inv_freq.float().to(keys.device)  # [B, K, rot/2]
+    emb = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, K, rot]
+    k_rot, k_pass = keys[..., :rot].float(), keys[..., rot:]
+    moved = k_rot * emb.cos() + rotate_half(k_rot) * emb.sin()
+    return torch.cat((moved.to(keys.dtype), k_pass), dim=-1)
+
+
+def keep_slots(real: torch.Tensor, num_sinks: int, window: int) -> torch.Tensor:
+    """Per sample, the ``num_sinks + window`` cache slots to keep (ascending), long ``[B, S+W]``: the first
+    ``num_sinks`` real slots, then the most recent slots, then (only for short padded samples) the rest.
+
+    Example (METHODS.md worked example: t0..t9 cached, S=2, W=3):
+        >>> keep_slots(torch.ones(1, 10, dtype=torch.bool), 2, 3).tolist()
+        [[0, 1, 7, 8, 9]]
+    """
+    batch, length = real.shape
+    slots = torch.arange(length)
+    first_real = (real.long().cumsum(1) <= num_sinks) & real  # [B, L]
+    priority = torch.where(first_real, 2 * length + slots.flip(0), slots.expand(batch, -1))  # sinks first
+    keep = priority.topk(min(num_sinks + window, length), dim=1).indices  # [B, S+W]
+    return keep.sort(dim=1).values
+
+
+def find_inv_freq(model) -> torch.Tensor | None:
+    for module in model.modules():
+        inv = getattr(module, "inv_freq", None)
+        if isinstance(inv, torch.Tensor) and type(module).__name__.endswith("RotaryEmbedding"):
+            return inv.detach().float().cpu()
+    return None
+
+
+@register_intervention
+class StreamingLLM(Intervention):
+    name = "streaming-llm"
+    description = "StreamingLLM: keep attention-sink tokens plus a recent window in the KV cache"
+    exclusive = "kv-cache"
+
+    def __init__(self, num_sinks: int = 4, window: int = 2000, **target):
+        super().__init__(**target)
+        if isinstance(num_sinks, bool) or not isinstance(num_sinks, int) or num_sinks < 0:
+            raise ValueError(f"streaming-llm: num_sinks must be an int ≥ 0, got {num_sinks!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"streaming-llm: window must be an int ≥ 1, got {window!r}")
+        self.num_sinks, self.window = num_sinks, window
+        self._pos: torch.Tensor | None = None  # [B, L] RoPE position of each cached key
+        self._real: torch.Tensor | None = None  # [B, L] real (not padding) cached keys
+        self.max_cache_seen = 0  # largest cache length left between calls (for tests / reports)
+
+    def score_bias(self, ctx):  # no attention change: the policy lives in install(); None = nothing to add
+        return None
+
+    def install(self, handle) -> list:
+        model = handle.target_object
+        self._inv_freq = find_inv_freq(model)
+        if self._inv_freq is None:
+            raise ValueError(f"streaming-llm needs a RoPE model; {type(model).__name__} has no rotary embedding "
+                             "(absolute/ALiBi positions: only eviction would apply, which attnkit does not offer)")
+        rope = getattr(model.config.get_text_config(decoder=True), "rope_scaling", None) or {}
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "mrope"):
+            raise ValueError(f"streaming-llm: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
+        self._handle = handle
+        return [model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                model.register_forward_hook(self._post, with_kwargs=True)]
+
+    # ---- before each call: positions = cache slots ---------------------------------------------------------------
+    def _pre(self, module, args, kwargs):
+        if not self._handle.enabled:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            return None
+        batch, new = ref.shape[0], ref.shape[1]
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = kwargs.get("attention_mask")
+        real_new = mask[:, -new:].bool().cpu() if isinstance(mask, torch.Tensor) and mask.dim() == 2 \
+            else torch.ones(batch, new, dtype=torch.bool)
+        if past == 0 or self._pos is None or self._pos.shape != (batch, past):
+            if past != 0:
+                raise ValueError(f"streaming-llm: the cache holds {past} tokens that this policy did not see; "
+                                 "start a new sequence with the intervention attached")
+            self._real = torch.zeros(batch, 0, dtype=torch.bool)
+            self._pos = torch.zeros(batch, 0, dtype=torch.long)
+        start = self._real.sum(1, keepdim=True)  # [B, 1] real tokens already cached
+        pos_new = (start + real_new.long().cumsum(1) - 1).clamp_min(0)  # [B, N]
+        self._real = torch.cat([self._real, real_new], 1)
+        self._pos = torch.cat([self._pos, pos_new], 1)
+        device = ref.device
+        kwargs["position_ids"] = pos_new.to(device)
+        if past > 0:
+            kwargs["attention_mask"] = self._real.long().to(device)  # [B, L + N]
+        if "cache_position" in kwargs:
+            kwargs["cache_position"] = torch.arange(past, past + new, device=device)
+        return args, kwargs
+
+    # ---- after each call: evict and re-rotate ----------------------------------------------------------------------
+    def _post(self, module, args, kwargs, output):
+        cache = getattr(output, "past_key_values", None)
+        if not self._handle.enabled or cache is None or self._pos is None:
+            return None
+        length = cache.get_seq_length()
+        if length != self._pos.shape[1]:
+            return None
+        limit = self.num_sinks + self.window
+        if length > limit:
+            self._evict(cache, keep_slots(self._real, self.num_sinks, self.window))
+        self.max_cache_seen = max(self.max_cache_seen, cache.get_seq_length())
+        return None
+
+    def _evict(self, cache, keep: torch.Tensor) -> None:
+        real = torch.gather(self._real, 1, keep)  # [B, S+W]
+        new_pos = (real.long().cumsum(1) - 1).clamp_min(0)  # real keys at slots 0..n-1
+        shift = torch.where(real, new_pos - torch.gather(self._pos, 1, keep), torch.zeros_like(new_pos))
+        for layer in cache.layers:
+            if getattr(layer, "is_sliding", False):
+                raise ValueError("streaming-llm: sliding-window cache layers are not supported")
+            idx = keep.to(layer.keys.device)[:, None, :, None]  # [B, 1, S+W, 1]
+            keys = torch.gather(layer.keys, 2, idx.expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]))
+            values = torch.gather(layer.values, 2, idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[3]))
+            layer.keys = rerotate(keys, shift.to(keys.device), self._inv_freq)
+            layer.values = values
+        self._real, self._pos = real, torch.where(real, new_pos, torch.zeros_like(new_pos))
