@@ -384,19 +384,42 @@ def _chunked_biased(q, k, v, key_group, group_bias, *, scale, causal, key_paddin
     out = torch.empty(B, H, Q, D, dtype=q.dtype, device=q.device)  # [B,H,Q,D]
     sinks = sink_flags(key_padding, num_sinks, K, q.device)
     bias = None if group_bias is None else _bias_per_key(group_bias, key_group, H).view(B, Hkv, R, 1, K)
-    C = query_chunk(B, H, Q, K)
+    C = min(256, query_chunk(B, H, Q, K))
     for c0 in range(0, Q, C):
         c1 = min(Q, c0 + C)
         p0, p1 = K - Q + c0, K - Q + c1
         kidx = key_index(p0, p1, K, causal=causal, window=window, sinks=sinks, device=q.device)
         ok = allowed_mask(torch.arange(p0, p1, device=q.device), kidx, causal=causal, key_padding=key_padding,
                           sinks=sinks, window=window).unsqueeze(1)  # [B|1,1,1,C,Kr]
+        if q.device.type == "cpu":  # fused CPU kernel with an additive [B|1,H|1,C,Kr] mask for this chunk
+            out[:, :, c0:c1] = _fused_masked_chunk(q[:, :, c0:c1], k[:, :, kidx], v[:, :, kidx], ok,
+                                                   None if bias is None else bias[..., kidx], scale)
+            continue
         s = gqa_scores(q[:, :, c0:c1], k[:, :, kidx], scale)  # [B,Hkv,R,C,Kr]
         if bias is not None:
             s = s + bias[..., kidx]
         p, _ = safe_softmax(s, ok)
         out[:, :, c0:c1] = gqa_pv(p, v[:, :, kidx]).to(q.dtype)
     return out
+
+
+def _fused_masked_chunk(q_c, k_r, v_r, ok, bias, scale):
+    """One query chunk through the fused CPU kernel: ``ok [B|1,1,1,C,Kr]``, ``bias [B,Hkv,R,1,Kr]`` or None.
+
+    Rows with no allowed key come back as 0 (the kernel's lse is -inf there).
+    """
+    B, H, C, D = q_c.shape
+    Hkv, Kr = k_r.shape[1], k_r.shape[2]
+    mask = torch.zeros(ok.shape, dtype=torch.float32, device=q_c.device).masked_fill_(~ok, float("-inf"))
+    mask = mask.view(ok.shape[0], 1, C, Kr)  # [B|1,1,C,Kr]
+    if bias is not None:
+        mask = mask + bias.reshape(B, H, 1, Kr)  # [B,H,C,Kr]
+    if Hkv != H:
+        k_r = k_r.unsqueeze(2).expand(B, Hkv, H // Hkv, Kr, D).reshape(B, H, Kr, D)
+        v_r = v_r.unsqueeze(2).expand(B, Hkv, H // Hkv, Kr, D).reshape(B, H, Kr, D)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q_c, k_r, v_r, 0.0, False, attn_mask=mask.to(q_c.dtype), scale=scale)
+    return torch.where(torch.isinf(lse).unsqueeze(-1), 0.0, o.float()).to(q_c.dtype)
 
 
 def biased_attention(q, k, v, key_group=None, group_bias=None, *, scale: float | None = None, causal: bool = True,
