@@ -9,6 +9,8 @@ Example:
     'torch'
     >>> choose_backend("auto", {"edit_probs": ["var"]}, "cpu").name
     'eager'
+    >>> choose_backend("auto", {"group_factors": ["act"]}, "cpu").name
+    'torch'
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ class Backend:
     attention: Callable  # (q, k, v, mask, *, scaling, entries, make_ctx, causal, softcap, dropout) -> out | (out, probs)
     available: Callable[[str], str | None] = lambda device: None  # returns a reason when unusable on `device`
     returns_probs: bool = False
+    unsupported_combinations: tuple = ()  # capability sets that cannot share one layer
+
+    def supports(self, needs) -> bool:
+        caps = set(needs)
+        return caps <= self.capabilities and not any(combo <= caps for combo in self.unsupported_combinations)
 
     def run(self, *args, **kwargs):
         result = self.attention(*args, **kwargs)
@@ -37,7 +44,8 @@ class Backend:
 
 
 BACKENDS.register("eager", Backend("eager", eager.CAPABILITIES, eager.eager_attention, returns_probs=True))
-BACKENDS.register("torch", Backend("torch", torch_path.CAPABILITIES, torch_path.torch_attention))
+BACKENDS.register("torch", Backend("torch", torch_path.CAPABILITIES, torch_path.torch_attention,
+                                   unsupported_combinations=torch_path.UNSUPPORTED_COMBINATIONS))
 
 
 def choose_backend(requested: str, needs: dict[str, list[str]], device) -> Backend:
@@ -46,6 +54,9 @@ def choose_backend(requested: str, needs: dict[str, list[str]], device) -> Backe
     if requested != "auto":
         backend = BACKENDS.get(requested)
         missing = {cap: names for cap, names in needs.items() if cap not in backend.capabilities}
+        for combo in backend.unsupported_combinations:
+            if combo <= set(needs):
+                missing.update({cap: needs[cap] for cap in combo})
         if missing:
             detail = "; ".join(f"{', '.join(sorted(set(n)))} needs '{cap}'" for cap, n in missing.items())
             raise ValueError(f"backend {requested!r} cannot run this recipe: {detail}. Use backend='auto' or 'eager'.")
@@ -57,6 +68,6 @@ def choose_backend(requested: str, needs: dict[str, list[str]], device) -> Backe
         if name not in BACKENDS:
             continue
         backend = BACKENDS.get(name)
-        if set(needs) <= backend.capabilities and backend.available(device_type) is None:
+        if backend.supports(needs) and backend.available(device_type) is None:
             return backend
     raise ValueError(f"no backend supports {sorted(needs)} on {device_type}")

@@ -50,11 +50,13 @@ def score_stage(scores: torch.Tensor, entries, make_ctx) -> torch.Tensor:
     return scores
 
 
-def reweight_groups(probs: torch.Tensor, group_ids: torch.Tensor, factors_fn, heads) -> torch.Tensor:
+def reweight_groups(probs: torch.Tensor, group_ids: torch.Tensor, factors_fn, heads,
+                    num_groups: int | None = None) -> torch.Tensor:
     """Post-softmax group reweighting ``p'_j = p_j c_g(j) / Σ_g M_g c_g`` with ``M_g`` the group masses.
 
-    probs [B,H,Q,K], group_ids [B,K] long, factors_fn: masses [B,H,Q,G] → factors [B,H,Q,G]."""
-    num_groups = int(group_ids.max().item()) + 1 if group_ids.numel() else 1
+    probs [B,H,Q,K], group_ids [B,K] long in [0, num_groups), factors_fn: masses [B,H,Q,G] → factors [B,H,Q,G]."""
+    if num_groups is None:
+        num_groups = int(group_ids.max().item()) + 1 if group_ids.numel() else 1
     onehot = torch.nn.functional.one_hot(group_ids, num_groups).float()  # [B, K, G]
     mass = torch.einsum("bhqk,bkg->bhqg", probs, onehot)  # [B, H, Q, G]
     factors = factors_fn(mass).float()  # [B, H, Q, G]
@@ -74,7 +76,8 @@ def prob_stage(probs: torch.Tensor, entries, make_ctx) -> torch.Tensor:
         ctx = make_ctx(entry)
         if "group_factors" in caps:
             ids = key_group_ids(ctx, iv.key_groups())  # [B, K]
-            probs = reweight_groups(probs, ids, lambda m: iv.group_factors(m, ctx), heads)
+            num_groups = len(iv.key_groups()) + 1
+            probs = reweight_groups(probs, ids, lambda m: iv.group_factors(m, ctx), heads, num_groups)
         if "edit_probs" in caps:
             probs = select_heads(iv.edit_probs(probs, ctx).float(), probs, heads)
     return probs

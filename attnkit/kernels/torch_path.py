@@ -1,5 +1,6 @@
 """The ``torch`` backend: fused SDPA plus structured edits, no ``[Q, K]`` matrix for plain or temperature-scaled
-attention and per-head output edits; pre-softmax biases go through SDPA's additive mask.
+attention, per-head output edits and post-softmax group reweighting (exact, from per-group partial results, see
+:mod:`attnkit.kernels.grouped`); pre-softmax biases go through SDPA's additive mask.
 
 Example:
     >>> import torch
@@ -14,11 +15,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnkit.interventions.base import key_group_ids
 from attnkit.kernels.eager import output_stage
+from attnkit.kernels.grouped import combine_groups, group_mass, group_partials
 from attnkit.kernels.masks import additive_mask, causal_allowed
-from attnkit.kernels.plan import head_vector
+from attnkit.kernels.plan import head_vector, select_heads
 
-CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_output"})
+CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_output", "group_factors"})
+#: capability pairs this backend cannot combine in one layer (an arbitrary score bias breaks group partials)
+UNSUPPORTED_COMBINATIONS = (frozenset({"score_bias", "group_factors"}),)
 
 
 def sdpa(q, k, v, mask, *, scaling, causal) -> torch.Tensor:
@@ -54,5 +59,34 @@ def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, s
         base = additive_mask(mask, q.shape[2], k.shape[2], causal, q.device)
         mask = bias if base is None else base + bias  # [B|1, H, Q|1, K] broadcast by SDPA
         causal = False
-    out = sdpa(q, k, v, mask, scaling=scaling, causal=causal)  # [B, H, Q, D]
+    grouped = [e for e in entries if "group_factors" in e.intervention.capabilities()]
+    if grouped:
+        out = grouped_attention(q, k, v, mask, grouped, scaling=scaling, causal=causal, make_ctx=make_ctx)
+    else:
+        out = sdpa(q, k, v, mask, scaling=scaling, causal=causal)  # [B, H, Q, D]
     return output_stage(out, entries, make_ctx)
+
+
+def grouped_attention(q, k, v, mask, grouped_entries, *, scaling, causal, make_ctx) -> torch.Tensor:
+    """Post-softmax group reweighting without the ``[Q, K]`` matrix: per-group partials (O_g, log Z_g), the
+    intervention's factors from the group masses, then ``Σ_g M_g c_g O_g / Σ_g M_g c_g``. Heads outside every
+    entry's targets get plain attention. q [B,H,Q,D], k/v [B,Hkv,K,D] → [B,H,Q,D]."""
+    out = None
+    for entry in grouped_entries:
+        iv, ctx = entry.intervention, make_ctx(entry)
+        window = ctx.window
+        if mask is not None and ctx.tracker is None:
+            raise NotImplementedError(
+                f"{iv.name}: the torch backend reweights groups under causal/padding/window masks only; this call "
+                "has an explicit attention mask — use backend='eager'")
+        key_padding = ctx.key_padding  # [B, K] True = real token
+        groups = key_group_ids(ctx, iv.key_groups())  # [B, K]
+        out_g, lse_g = group_partials(q, k, v, groups, len(iv.key_groups()) + 1, scale=scaling,
+                                      causal=causal, key_padding=key_padding,
+                                      window=window)  # [B,H,Q,G,D], [B,H,Q,G]
+        heads = entry.heads_on(q.device)
+        factors = iv.group_factors(group_mass(lse_g), ctx).float()  # [B,H,Q,G]
+        factors = select_heads(factors, torch.ones_like(factors), heads)
+        edited = combine_groups(out_g, lse_g, factors, dtype=q.dtype)  # [B,H,Q,D]
+        out = edited if out is None else select_heads(edited, out, heads)
+    return out

@@ -10,6 +10,7 @@ from attnkit.testing import TEXT_FAMILIES, tiny_causal_lm
 HOOK_SETS = {
     "torch-path": ("query_scale", "score_bias", "edit_output"),  # runs on the fused SDPA backend
     "eager-path": ("edit_scores", "group_factors", "edit_probs"),  # forces the reference backend
+    "grouped-path": ("query_scale", "group_factors", "edit_output"),  # exact group reweighting, no [Q,K] matrix
 }
 
 
@@ -39,7 +40,7 @@ def test_noop_forward_matches_stock(family, hooks, pad):
     assert (patched - stock)[real].abs().max().item() <= 1e-5
     assert torch.equal(after, stock), "remove() must restore bitwise-identical outputs"
     assert report["calls"]["noop"] == model.config.num_hidden_layers
-    expected_backend = "torch" if hooks == "torch-path" and family != "gemma2" else "eager"
+    expected_backend = "torch" if hooks != "eager-path" and family != "gemma2" else "eager"
     assert {m["backend"] for m in report["modules"]} == {expected_backend}
 
 

@@ -48,7 +48,7 @@ def test_reweight_groups_hand_computed_act_row():
         sink, rest = mass[..., 1:2], mass[..., 0:1]
         return torch.cat([(rest + (1 - beta) * sink) / rest, torch.full_like(sink, beta)], dim=-1)
 
-    out = reweight_groups(probs, groups, act, torch.tensor([True]))
+    out = reweight_groups(probs, groups, act, torch.tensor([True]), num_groups=2)
     expected = torch.tensor([0.377143, 0.125714, 0.125714, 0.12, 0.125714, 0.125714])
     torch.testing.assert_close(out.flatten(), expected, atol=1e-6, rtol=0)
 
@@ -117,3 +117,64 @@ def test_accelerate_offloaded_model_works():
         out = model(ids).logits
         assert handle.report()["calls"]["noop"] == 2
     torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)
+
+
+class DampFirst(attnkit.Intervention):
+    """ACT-like: scale the first token's attention by beta, give the mass back to the rest in proportion."""
+
+    name = "test-damp-first"
+
+    def __init__(self, beta=0.3, **target):
+        super().__init__(**target)
+        self.beta = beta
+
+    def key_groups(self):
+        return ("first",)
+
+    def group_factors(self, mass, ctx):  # mass [B,H,Q,2]: other, first
+        rest, sink = mass[..., :1], mass[..., 1:]
+        gain = (rest + (1 - self.beta) * sink) / rest.clamp_min(1e-12)
+        return torch.cat([gain, torch.full_like(sink, self.beta)], dim=-1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2"])
+def test_group_reweighting_torch_path_matches_eager_reference(family):
+    model = tiny_causal_lm(family)
+    ids = torch.randint(3, 100, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    gen = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    results = {}
+    with torch.no_grad():
+        stock = model(ids, attention_mask=mask).logits
+        for backend in ("eager", "torch"):
+            with attnkit.attach(model, [DampFirst(heads=[0, 2])], backend=backend) as handle:
+                assert {m["backend"] for m in handle.report()["modules"]} == {backend}
+                results[backend] = (model(ids, attention_mask=mask).logits, model.generate(ids, **gen))
+    real = mask.bool()
+    assert (results["torch"][0] - results["eager"][0])[real].abs().max() <= 2e-5
+    assert (results["eager"][0] - stock)[real].abs().max() > 1e-3  # the edit is visible
+    assert torch.equal(results["torch"][1], results["eager"][1])
+
+
+def test_group_reweighting_batched_equals_per_sample():
+    model = tiny_causal_lm("llama")
+    prompts = [torch.randint(3, 100, (n,)) for n in (4, 7, 9)]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    with torch.no_grad(), attnkit.attach(model, [DampFirst()]):
+        batched = model(ids, attention_mask=mask).logits
+        for b, p in enumerate(prompts):
+            alone = model(p[None]).logits[0]
+            torch.testing.assert_close(batched[b, width - len(p):], alone, atol=2e-5, rtol=1e-4)
+
+
+def test_score_bias_and_group_factors_in_one_layer_fall_back_to_eager_or_raise():
+    from attnkit.interventions.noop import Noop
+
+    model = tiny_causal_lm("llama")
+    with attnkit.attach(model, [Noop(hooks=("score_bias",)), DampFirst()]) as handle:
+        assert {m["backend"] for m in handle.report()["modules"]} == {"eager"}
+    with pytest.raises(attnkit.AttachError, match="needs 'score_bias'"):
+        attnkit.attach(model, [Noop(hooks=("score_bias",)), DampFirst()], backend="torch")
