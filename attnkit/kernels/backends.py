@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,6 +49,21 @@ BACKENDS.register("torch", Backend("torch", torch_path.CAPABILITIES, torch_path.
                                    unsupported_combinations=torch_path.UNSUPPORTED_COMBINATIONS))
 
 
+
+def _triton_unavailable(device_type: str) -> str | None:
+    from attnkit.kernels.triton import triton_available
+
+    if not triton_available():
+        return "triton is not installed or there is no CUDA device (TRITON_INTERPRET=1 runs its CPU interpreter)"
+    return None
+
+
+#: Triton: group partials in one fused pass per group; plain attention stays on PyTorch's fused SDPA kernels.
+BACKENDS.register("triton", Backend(
+    "triton", frozenset({"query_scale", "group_factors", "edit_output"}),
+    functools.partial(torch_path.torch_attention, kernel="triton"), available=_triton_unavailable))
+
+
 def choose_backend(requested: str, needs: dict[str, list[str]], device) -> Backend:
     """Pick a backend. ``needs`` maps capability → names of the interventions that need it."""
     device_type = getattr(device, "type", str(device))
@@ -68,6 +84,8 @@ def choose_backend(requested: str, needs: dict[str, list[str]], device) -> Backe
         if name not in BACKENDS:
             continue
         backend = BACKENDS.get(name)
+        if name == "triton" and device_type != "cuda":
+            continue  # the interpreter is for tests, never an automatic choice
         if backend.supports(needs) and backend.available(device_type) is None:
             return backend
     raise ValueError(f"no backend supports {sorted(needs)} on {device_type}")

@@ -38,8 +38,11 @@ def sdpa(q, k, v, mask, *, scaling, causal) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, is_causal=is_causal, enable_gqa=gqa)
 
 
-def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, softcap=None, dropout=0.0):
-    """Attention with query_scale / score_bias / edit_output edits. Returns out [B,H,Q,D]."""
+def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, softcap=None, dropout=0.0,
+                    kernel: str = "torch"):
+    """Attention with query_scale / score_bias / group_factors / edit_output edits. Returns out [B,H,Q,D].
+
+    ``kernel`` selects the group-partials implementation ("torch" or "triton")."""
     if softcap is not None:
         raise ValueError("the torch backend does not support logit softcapping; use backend='eager'")
     bias = None
@@ -61,13 +64,14 @@ def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, s
         causal = False
     grouped = [e for e in entries if "group_factors" in e.intervention.capabilities()]
     if grouped:
-        out = grouped_attention(q, k, v, mask, grouped, scaling=scaling, causal=causal, make_ctx=make_ctx)
+        out = grouped_attention(q, k, v, mask, grouped, scaling=scaling, causal=causal, make_ctx=make_ctx,
+                                kernel=kernel)
     else:
         out = sdpa(q, k, v, mask, scaling=scaling, causal=causal)  # [B, H, Q, D]
     return output_stage(out, entries, make_ctx)
 
 
-def grouped_attention(q, k, v, mask, grouped_entries, *, scaling, causal, make_ctx) -> torch.Tensor:
+def grouped_attention(q, k, v, mask, grouped_entries, *, scaling, causal, make_ctx, kernel="torch") -> torch.Tensor:
     """Post-softmax group reweighting without the ``[Q, K]`` matrix: per-group partials (O_g, log Z_g), the
     intervention's factors from the group masses, then ``Σ_g M_g c_g O_g / Σ_g M_g c_g``. Heads outside every
     entry's targets get plain attention. q [B,H,Q,D], k/v [B,Hkv,K,D] → [B,H,Q,D]."""
@@ -83,7 +87,7 @@ def grouped_attention(q, k, v, mask, grouped_entries, *, scaling, causal, make_c
         groups = key_group_ids(ctx, iv.key_groups())  # [B, K]
         out_g, lse_g = group_partials(q, k, v, groups, len(iv.key_groups()) + 1, scale=scaling,
                                       causal=causal, key_padding=key_padding,
-                                      window=window)  # [B,H,Q,G,D], [B,H,Q,G]
+                                      window=window, backend=kernel)  # [B,H,Q,G,D], [B,H,Q,G]
         heads = entry.heads_on(q.device)
         factors = iv.group_factors(group_mass(lse_g), ctx).float()  # [B,H,Q,G]
         factors = select_heads(factors, torch.ones_like(factors), heads)
