@@ -96,6 +96,7 @@ class VAR(Intervention):
         comp = model_info.get(self.component or "text") or model_info.get("text") or {}
         self._num_layers = comp.get("num_layers")
         hidden = getattr(model_info.get("text_config"), "hidden_size", None)
+        hidden = hidden or getattr(getattr(model_info.get("config"), "text_config", None), "hidden_size", None)
         if hidden is not None and self.sink_dims != "auto" and max(self.sink_dims) >= hidden:
             raise ValueError(f"var: sink_dims {self.sink_dims} exceed the hidden size {hidden} of this model")
 
