@@ -49,28 +49,30 @@ def strided_nll(model, input_ids: torch.Tensor, max_length: int | None = None,
                 stride: int | None = None) -> tuple[float, int]:
     """(sum of NLL, number of scored tokens) of a 1-D id tensor with a strided sliding window.
 
-    ``max_length`` defaults to the model's ``max_position_embeddings``; ``stride`` defaults to ``max_length``
-    (disjoint windows). Smaller strides give every token more context at more compute.
+    Targets are scored in chunks of ``stride`` tokens; each chunk is predicted by one forward pass over the window
+    of ``max_length`` tokens that ends with it, so every scored token sees at least ``max_length − stride`` tokens
+    of context (or everything before it). ``max_length`` defaults to the model's ``max_position_embeddings`` and
+    ``stride`` to ``max_length − 1`` (disjoint windows); ``stride`` is capped at ``max_length − 1`` so that the
+    first target of a window still has one token of context (HF's recipe with stride == max_length silently skips
+    the first token of every window instead).
     """
     ids = input_ids.reshape(-1)  # [N]
     max_length = max_length or model.config.max_position_embeddings
-    stride = stride or max_length
-    if not 0 < stride <= max_length:
-        raise ValueError(f"perplexity: need 0 < stride ({stride}) <= max_length ({max_length}).")
+    stride = stride or max_length - 1
+    if not 0 < stride <= max_length or max_length < 2:
+        raise ValueError(f"perplexity: need 0 < stride ({stride}) <= max_length ({max_length}) and max_length >= 2.")
+    step = min(stride, max_length - 1)
     device = next(model.parameters()).device
-    total, count, scored_until = 0.0, 0, 1  # token 0 has no prediction
-    for begin in range(0, len(ids), stride):
-        end = min(begin + max_length, len(ids))
-        window = ids[begin:end].to(device)  # [W]
-        if end > scored_until:
-            logits = model(input_ids=window[None]).logits[0]  # [W, V]
-            first = scored_until - begin  # first target index inside the window
-            total += _token_nll(logits[first - 1:-1], window[first:]).item()
-            count += end - scored_until
-            scored_until = end
-        if end == len(ids):
-            break
-    return total, count
+    total, start = 0.0, 1  # token 0 has no prediction
+    while start < len(ids):
+        end = min(start + step, len(ids))
+        begin = max(0, end - max_length)
+        window = ids[begin:end].to(device)  # [W], W <= max_length
+        logits = model(input_ids=window[None]).logits[0]  # [W, V]
+        first = start - begin  # >= 1: index of the first target inside the window
+        total += _token_nll(logits[first - 1:-1], window[first:]).item()
+        start = end
+    return total, max(len(ids) - 1, 0)
 
 
 def perplexity(nll_sum: float, n_tokens: int) -> float:
