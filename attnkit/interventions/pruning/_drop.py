@@ -126,6 +126,7 @@ class TokenDropper:
             raise ValueError(f"drop layer {start} is out of range: the decoder has layers 0..{len(self.layers) - 1}")
         self.plan: KeepPlan | None = None
         self._sequence = None
+        self._decoded = 0  # tokens appended after the pruned prefill (decode steps)
         #: statistics of the last prefill: tokens before / after per sample
         self.last_counts: tuple[list[int], list[int]] | None = None
 
@@ -138,14 +139,16 @@ class TokenDropper:
         """Original position of every key slot in layers ``≥ start`` (``[B, K]``), None when nothing was dropped."""
         if self.plan is None or self._sequence != self.handle.tracker.sequence_id:
             return None
-        tracker = self.handle.tracker
-        extra = torch.arange(self.plan.seq_len, tracker.length).expand(self.plan.index.shape[0], -1)
-        return torch.cat([self.plan.index.cpu(), extra], dim=1)
+        extra = torch.arange(self.plan.seq_len, self.plan.seq_len + self._decoded, device=self.plan.index.device)
+        return torch.cat([self.plan.index, extra.expand(self.plan.index.shape[0], -1)], dim=1)
 
     def _key_real(self) -> torch.Tensor:
-        """``[B, K]`` validity of the cached slots in layers ≥ start (kept prefill slots + decode tokens)."""
-        real = self.handle.tracker.mask("real")[:, self.plan.seq_len:]  # decode tokens
-        return torch.cat([self.plan.slot_real.cpu(), real], dim=1)
+        """``[B, K]`` validity of the cached slots in layers ≥ start (kept prefill slots + decode tokens).
+
+        Decode tokens are counted here rather than read from the tracker: with ``start=0`` every layer's cache is
+        pruned, so a cache-length-based tracker no longer sees the original length."""
+        new = torch.ones(self.plan.slot_real.shape[0], self._decoded, dtype=torch.bool, device=self.plan.index.device)
+        return torch.cat([self.plan.slot_real, new], dim=1)
 
     # ---- the hook ---------------------------------------------------------------------------------------------
     def _make_hook(self, layer_idx: int):
@@ -156,7 +159,7 @@ class TokenDropper:
             tracker = self.handle.tracker
             prefill = tracker.last_was_prefill
             if prefill and layer_idx == self.start:
-                self.plan, self._sequence = None, tracker.sequence_id
+                self.plan, self._sequence, self._decoded = None, tracker.sequence_id, 0
                 if hidden.shape[1] == tracker.length:
                     keep = self.select(hidden)
                     if keep is not None:
@@ -168,6 +171,8 @@ class TokenDropper:
             if self.plan is None or self._sequence != tracker.sequence_id:
                 return None
             new_kwargs = dict(kwargs)
+            if not prefill and layer_idx == self.start:
+                self._decoded += hidden.shape[1]
             if prefill:
                 if layer_idx == self.start:
                     hidden = _gather_seq(hidden, self.plan.index, 1)  # [B, N', C]
@@ -208,9 +213,8 @@ class TokenDropper:
         """Decode steps keep the model's absolute positions, except in contiguous mode (shifted by the drops)."""
         if self.positions != "contiguous":
             return {}
-        tracker = self.handle.tracker
         q_len = hidden.shape[1]
-        first_new = tracker.length - self.plan.seq_len - q_len  # index of this call's first token among new ones
+        first_new = self._decoded - q_len  # index of this call's first token among the new ones
         kept = self.plan.slot_real.sum(1, keepdim=True).to(hidden.device)  # [B, 1]
         pos = kept + torch.arange(first_new, first_new + q_len, device=hidden.device)  # [B, Q]
         return self._recompute_positions(hidden, pos, kwargs)
@@ -225,7 +229,6 @@ class TokenDropper:
         return out
 
     def _mask(self, like, hidden, layer_idx: int, prefill: bool):
-        tracker = self.handle.tracker
         q_len = hidden.shape[1]
         if prefill:
             k_pos = self.plan.index  # [B, N']
