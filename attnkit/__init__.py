@@ -12,10 +12,13 @@ Example:
 
 from attnkit.api import AttachError, Handle, attach, available_interventions, get_intervention
 from attnkit.interventions import INTERVENTIONS, AttentionContext, Intervention, register_intervention
+from attnkit.recipes import Recipe, RecipeError, list_presets, load_recipe, loads_recipe
+from attnkit.scores import HeadScores
 from attnkit.targets import Target, TargetError
 
 __all__ = [
-    "AttachError", "AttentionContext", "Handle", "INTERVENTIONS", "Intervention", "Target", "TargetError", "attach",
-    "available_interventions", "get_intervention", "register_intervention",
+    "AttachError", "AttentionContext", "Handle", "HeadScores", "INTERVENTIONS", "Intervention", "Recipe",
+    "RecipeError", "Target", "TargetError", "attach", "available_interventions", "get_intervention",
+    "list_presets", "load_recipe", "loads_recipe", "register_intervention",
 ]
 __version__ = "0.1.0"

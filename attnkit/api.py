@@ -101,11 +101,13 @@ class Handle:
             comp = info.get(component)
             if comp is None:
                 raise AttachError(f"{iv.name}: this model has no {component!r} attention layers to target")
-            iv.setup(info)
             try:
+                iv.setup(info)
                 layer_heads = iv.target.resolve(comp["num_layers"], comp["num_heads"])
-            except TargetError as err:
+            except (TargetError, ValueError) as err:
                 raise AttachError(f"{iv.name}: {err}") from None
+            if not iv.capabilities():
+                continue  # works only through install() (e.g. a KV-cache policy): nothing to plan in attention
             matched = 0
             for layer, heads in layer_heads.items():
                 site = site_index.get((component, layer))
@@ -249,7 +251,8 @@ class Handle:
             c.wants(site.layer, site.component) for c in self._captures))
 
     def _intervention_calls(self) -> dict[int, int]:
-        return {id(iv): sum(e.calls for e in self.entries_by_intervention[id(iv)]) for iv in self.interventions}
+        return {id(iv): sum(e.calls for e in self.entries_by_intervention[id(iv)]) for iv in self.interventions
+                if iv.capabilities()}
 
     def _observe(self, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
@@ -282,7 +285,9 @@ class Handle:
     def _warn_idle(self) -> None:
         now = self._intervention_calls()
         for iv in self.interventions:
-            if now.get(id(iv), 0) == self._calls_at_forward_start.get(id(iv), 0) and iv.name not in self._warned:
+            if id(iv) not in now:
+                continue  # no attention hook: nothing that could silently not run
+            if now[id(iv)] == self._calls_at_forward_start.get(id(iv), 0) and iv.name not in self._warned:
                 self._warned.add(iv.name)
                 warnings.warn(
                     f"attnkit: intervention {iv.name!r} did not run during this forward pass (targets: "
@@ -293,7 +298,7 @@ class Handle:
                 )
 
     def make_context(self, site, entry, q_len, k_len, batch, device, causal, window, query_rows=None, spans=None,
-                     step=None) -> AttentionContext:
+                     step=None, value=None) -> AttentionContext:
         tracker = self.tracker if self.adapter.kind == "transformers" else None
         if entry is not None and tracker is not None and entry.state.get("_sequence") != tracker.sequence_id:
             entry.state.clear()
@@ -304,7 +309,7 @@ class Handle:
             is_prefill=tracker.last_was_prefill if tracker is not None else True,
             step=step if step is not None else (tracker.forward_index if tracker is not None else 0),
             state=entry.state if entry is not None else {}, spans=spans or {}, query_rows=query_rows,
-            heads=entry.head_mask if entry is not None else None,
+            heads=entry.head_mask if entry is not None else None, value=value,
         )
 
     def _run_site(self, site, query, key, value, attention_mask, scaling, dropout, kwargs):
@@ -320,7 +325,7 @@ class Handle:
         dropout = dropout if site.module.training else 0.0
 
         def make_ctx(entry, rows=None):
-            return self.make_context(site, entry, q_len, k_len, batch, query.device, causal, window, rows)
+            return self.make_context(site, entry, q_len, k_len, batch, query.device, causal, window, rows, value=value)
 
         if site.entries:
             out = site.backend.run(query, key, value, attention_mask, scaling=scaling, entries=site.entries,
@@ -368,7 +373,7 @@ class Handle:
 
         def make_ctx(entry, rows=None):
             return self.make_context(site, entry, q_len, k_len, batch, query.device, bool(is_causal), None, rows,
-                                     spans=spans, step=self.step)
+                                     spans=spans, step=self.step, value=value)
 
         if site.entries:
             out = site.backend.run(query, key, value, attn_mask, scaling=scaling, entries=site.entries,

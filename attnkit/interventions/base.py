@@ -75,6 +75,7 @@ class AttentionContext:
     spans: dict = field(default_factory=dict)  # extra [B, K] key masks (e.g. diffusers text/image)
     query_rows: torch.Tensor | None = None  # subset of query rows (captures)
     heads: torch.Tensor | None = None  # [H] bool: this intervention's target heads
+    value: torch.Tensor | None = None  # [B, Hkv, K, D] the call's values (read-only; e.g. identity attention = v)
 
     def _positions(self, n: int) -> slice:
         total = self.tracker.length if self.tracker is not None else n

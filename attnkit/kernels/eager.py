@@ -44,7 +44,7 @@ def score_stage(scores: torch.Tensor, entries, make_ctx) -> torch.Tensor:
         if "score_bias" in caps:
             bias = iv.score_bias(ctx)
             if bias is not None:
-                scores = scores + bias.float() * heads.view(1, -1, 1, 1)
+                scores = scores + torch.where(heads.view(1, -1, 1, 1), bias.float(), 0.0)  # -inf bias safe
         if "edit_scores" in caps:
             scores = select_heads(iv.edit_scores(scores, ctx).float(), scores, heads)
     return scores

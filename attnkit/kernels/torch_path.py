@@ -56,7 +56,7 @@ def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, s
             if "score_bias" in caps:
                 b = iv.score_bias(ctx)
                 if b is not None:
-                    b = b.float() * heads.view(1, -1, 1, 1)
+                    b = torch.where(heads.view(1, -1, 1, 1), b.float(), 0.0)  # -inf bias on untargeted heads stays 0
                     bias = b if bias is None else bias + b
     if bias is not None:
         base = additive_mask(mask, q.shape[2], k.shape[2], causal, q.device)

@@ -89,9 +89,6 @@ class StreamingLLM(Intervention):
         self._real: torch.Tensor | None = None  # [B, L] real (not padding) cached keys
         self.max_cache_seen = 0  # largest cache length left between calls (for tests / reports)
 
-    def score_bias(self, ctx):  # no attention change: the policy lives in install(); None = nothing to add
-        return None
-
     def install(self, handle) -> list:
         model = handle.target_object
         self._inv_freq = find_inv_freq(model)
