@@ -8,6 +8,8 @@ hook                   meaning                                                  
 ``query_scale``        per-head factor on the pre-softmax scores (temperature) → ``[H]``      eager, torch
 ``score_bias``         additive pre-softmax bias broadcastable to ``[B,H,Q,K]``               eager, torch
 ``edit_scores``        any function of the scores ``[B,H,Q,K]`` (materialises them)           eager
+``key_stats``          reads the attention each key gets from this call's real queries        eager, torch, triton
+                       ``[B,H,K]`` (e.g. to detect sinks at prefill); returns nothing
 ``group_factors``      post-softmax reweighting of key groups: masses ``[B,H,Q,G]`` → factors eager (+ fast kernels)
 ``edit_probs``         any function of the probabilities ``[B,H,Q,K]`` (materialises them)    eager
 ``edit_output``        per-head outputs ``[B,H,Q,D]`` → same shape                           eager, torch
@@ -44,7 +46,7 @@ from attnkit.targets import Target
 
 INTERVENTIONS = Registry("intervention")
 
-HOOKS = ("query_scale", "score_bias", "edit_scores", "group_factors", "edit_probs", "edit_output")
+HOOKS = ("query_scale", "score_bias", "edit_scores", "key_stats", "group_factors", "edit_probs", "edit_output")
 
 
 def register_intervention(cls):
@@ -153,6 +155,9 @@ class Intervention:
         raise NotImplementedError
 
     def edit_scores(self, scores: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:  # [B,H,Q,K]
+        raise NotImplementedError
+
+    def key_stats(self, col_mass: torch.Tensor, ctx: AttentionContext) -> None:  # [B,H,K]
         raise NotImplementedError
 
     def group_factors(self, mass: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:  # [B,H,Q,G]

@@ -60,7 +60,7 @@ def _triton_unavailable(device_type: str) -> str | None:
 
 #: Triton: group partials in one fused pass per group; plain attention stays on PyTorch's fused SDPA kernels.
 BACKENDS.register("triton", Backend(
-    "triton", frozenset({"query_scale", "group_factors", "edit_output"}),
+    "triton", frozenset({"query_scale", "group_factors", "key_stats", "edit_output"}),
     functools.partial(torch_path.torch_attention, kernel="triton"), available=_triton_unavailable))
 
 

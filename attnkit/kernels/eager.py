@@ -20,7 +20,8 @@ from attnkit.kernels.masks import allowed_mask
 from attnkit.kernels.plan import head_vector, select_heads
 
 CAPABILITIES = frozenset(
-    {"query_scale", "score_bias", "edit_scores", "group_factors", "edit_probs", "edit_output", "softcap", "probs"}
+    {"query_scale", "score_bias", "edit_scores", "key_stats", "group_factors", "edit_probs", "edit_output", "softcap",
+     "probs"}
 )
 
 
@@ -66,6 +67,23 @@ def reweight_groups(probs: torch.Tensor, group_ids: torch.Tensor, factors_fn, he
     return probs * per_key / norm
 
 
+def real_queries(ctx) -> torch.Tensor | None:
+    """``[B, Q]`` bool of this call's real (non-padding) queries, or None when every query is real."""
+    return ctx.query_mask("real") if ctx.tracker is not None else None
+
+
+def stats_stage(probs: torch.Tensor, entries, make_ctx) -> None:
+    """Give ``key_stats`` hooks the attention each key receives from the real queries. probs: [B,H,Q,K]."""
+    for entry in entries:
+        if "key_stats" in entry.intervention.capabilities():
+            ctx = make_ctx(entry)
+            if ctx.query_rows is not None:
+                continue  # a capture re-computing a few rows: statistics would be partial
+            q_real = real_queries(ctx)
+            rows = probs if q_real is None else probs * q_real[:, None, :, None]
+            entry.intervention.key_stats(rows.sum(dim=2), ctx)  # [B, H, K]
+
+
 def prob_stage(probs: torch.Tensor, entries, make_ctx) -> torch.Tensor:
     """Apply group_factors and edit_probs of every entry, in order. probs: [B,H,Q,K] fp32."""
     for entry in entries:
@@ -107,6 +125,7 @@ def eager_probs(q, k, mask, *, scaling, entries, make_ctx, causal, softcap=None)
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows → 0
+    stats_stage(probs, entries, make_ctx)
     return prob_stage(probs, entries, make_ctx)
 
 

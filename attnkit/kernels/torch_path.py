@@ -16,14 +16,16 @@ import torch
 import torch.nn.functional as F
 
 from attnkit.interventions.base import key_group_ids
-from attnkit.kernels.eager import output_stage
+from attnkit.kernels.eager import output_stage, real_queries
 from attnkit.kernels.grouped import combine_groups, group_mass, group_partials
+from attnkit.kernels.stats import key_mass
 from attnkit.kernels.masks import additive_mask, causal_allowed
 from attnkit.kernels.plan import head_vector, select_heads
 
-CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_output", "group_factors"})
-#: capability pairs this backend cannot combine in one layer (an arbitrary score bias breaks group partials)
-UNSUPPORTED_COMBINATIONS = (frozenset({"score_bias", "group_factors"}),)
+CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_output", "group_factors", "key_stats"})
+#: capability pairs this backend cannot combine in one layer (an arbitrary score bias breaks group partials and
+#: the key statistics, which are computed from q and k)
+UNSUPPORTED_COMBINATIONS = (frozenset({"score_bias", "group_factors"}), frozenset({"score_bias", "key_stats"}))
 
 
 def sdpa(q, k, v, mask, *, scaling, causal) -> torch.Tensor:
@@ -62,6 +64,12 @@ def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, s
         base = additive_mask(mask, q.shape[2], k.shape[2], causal, q.device)
         mask = bias if base is None else base + bias  # [B|1, H, Q|1, K] broadcast by SDPA
         causal = False
+    for entry in entries:
+        if "key_stats" in entry.intervention.capabilities():
+            ctx = make_ctx(entry)
+            col = key_mass(q, k, scale=scaling, causal=causal, key_padding=ctx.key_padding,
+                           query_select=real_queries(ctx), window=ctx.window, backend=kernel)  # [B, H, K]
+            entry.intervention.key_stats(col, ctx)
     grouped = [e for e in entries if "group_factors" in e.intervention.capabilities()]
     if grouped:
         out = grouped_attention(q, k, v, mask, grouped, scaling=scaling, causal=causal, make_ctx=make_ctx,
@@ -85,11 +93,14 @@ def grouped_attention(q, k, v, mask, grouped_entries, *, scaling, causal, make_c
                 "has an explicit attention mask — use backend='eager'")
         key_padding = ctx.key_padding  # [B, K] True = real token
         groups = key_group_ids(ctx, iv.key_groups())  # [B, K]
-        out_g, lse_g = group_partials(q, k, v, groups, len(iv.key_groups()) + 1, scale=scaling,
+        num_groups = len(iv.key_groups()) + 1
+        present = int(groups.max().item()) + 1 if groups.numel() else 1  # trailing empty groups cost nothing
+        out_g, lse_g = group_partials(q, k, v, groups, present, scale=scaling,
                                       causal=causal, key_padding=key_padding,
                                       window=window, backend=kernel)  # [B,H,Q,G,D], [B,H,Q,G]
         heads = entry.heads_on(q.device)
-        factors = iv.group_factors(group_mass(lse_g), ctx).float()  # [B,H,Q,G]
+        mass = torch.nn.functional.pad(group_mass(lse_g), (0, num_groups - present))  # [B,H,Q,G]
+        factors = iv.group_factors(mass, ctx).float()[..., :present]  # [B,H,Q,G_present]
         factors = select_heads(factors, torch.ones_like(factors), heads)
         edited = combine_groups(out_g, lse_g, factors, dtype=q.dtype)  # [B,H,Q,D]
         out = edited if out is None else select_heads(edited, out, heads)

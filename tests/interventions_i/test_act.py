@@ -106,8 +106,25 @@ def test_generate_reuses_prefill_sinks():
 
 
 def test_parity_with_fast_backend():
-    if "group_factors" not in torch_path.CAPABILITIES or "edit_scores" not in torch_path.CAPABILITIES:
-        pytest.skip("torch backend lacks group_factors / a prefill column-mass hook for ACT detection; eager only")
+    """ACT on the fused torch backend (key statistics from q/k, exact group partials) equals the eager reference."""
+    assert {"group_factors", "key_stats"} <= torch_path.CAPABILITIES
+    model = tiny_causal_lm("llama", num_hidden_layers=3)
+    ids = torch.randint(3, 100, (3, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    gen = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    results = {}
+    with torch.no_grad():
+        stock = model(ids, attention_mask=mask).logits
+        for backend in ("eager", "torch"):
+            act = ACT(beta=0.4, sink_test="code", theta=0.1, layers=[1, 2])
+            with attnkit.attach(model, [act], backend=backend) as handle:
+                assert {m["backend"] for m in handle.report()["modules"]} == {backend}
+                results[backend] = (model(ids, attention_mask=mask).logits, model.generate(ids, **gen))
+    real = mask.bool()
+    assert (results["eager"][0] - stock)[real].abs().max() > 1e-4  # sinks were found and damped
+    assert (results["torch"][0] - results["eager"][0])[real].abs().max() <= 2e-5
+    assert torch.equal(results["torch"][1], results["eager"][1])
 
 
 @pytest.mark.slow

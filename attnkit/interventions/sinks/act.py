@@ -7,8 +7,8 @@ row (METHODS.md's recommendation; the released code only ever runs prefill).
 
 The calibration is a group reweighting (:meth:`group_factors`). Sink sets differ per head, so keys are grouped by
 their *head-membership pattern* (which of this layer's target heads call the key a sink): at most ``max_patterns``
-groups, usually a handful. Detection itself needs column statistics of the prefill attention; it runs in
-``edit_scores`` (eager) until a backend hook for column mass exists.
+groups, usually a handful. Detection needs the column statistics of the prefill attention, which every backend
+hands to :meth:`key_stats` (the fused ones compute them from q and k without the ``[Q, K]`` matrix).
 
 Defaults (code vs paper):
   * ``sink_test="code"``: ``c_j > theta`` with θ = 0.1 (released code); ``"paper"``: ``c_j > alpha/N``, α = 5 [2nd].
@@ -30,8 +30,7 @@ from __future__ import annotations
 import torch
 
 from attnkit.interventions.base import Intervention, register_intervention
-from attnkit.interventions.sinks.detect import act_sinks
-from attnkit.kernels.masks import causal_allowed
+from attnkit.interventions.sinks.detect import act_sinks_from_columns
 
 
 def act_calibrate_row(probs: torch.Tensor, sinks: torch.Tensor, beta: float = 0.4) -> torch.Tensor:
@@ -73,19 +72,14 @@ class ACT(Intervention):
         self.drop_first, self.max_patterns = drop_first, max_patterns
 
     # ---- detection at prefill (needs the prefill probabilities) ----------------------------------------------
-    def edit_scores(self, scores: torch.Tensor, ctx) -> torch.Tensor:  # scores [B, H, Q, K], before masking
-        if not ctx.is_prefill or ctx.query_rows is not None or ctx.q_len != ctx.k_len:
-            return scores
+    def key_stats(self, col_mass: torch.Tensor, ctx) -> None:  # [B, H, K] from the prefill's real queries
+        if not ctx.is_prefill or ctx.q_len != ctx.k_len:
+            return  # Ŝ is fixed at prefill and reused by every decoding row
         real = ctx.key_mask("real") if ctx.tracker is not None else None  # [B, K]
-        allowed = causal_allowed(ctx.q_len, ctx.k_len, scores.device)[None, None]  # [1, 1, Q, K]
-        if real is not None:
-            allowed = allowed & real[:, None, None, :]
-        probs = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
-        sinks = act_sinks(probs, real, test=self.sink_test, theta=self.theta, alpha=self.alpha,
-                          drop_first=self.drop_first)  # [B, H, K]
+        sinks = act_sinks_from_columns(col_mass, real, test=self.sink_test, theta=self.theta, alpha=self.alpha,
+                                       drop_first=self.drop_first)  # [B, H, K]
         sinks &= ctx.heads.to(sinks.device)[None, :, None]
         self._store_patterns(sinks.cpu(), ctx)
-        return scores
 
     def _store_patterns(self, sinks: torch.Tensor, ctx) -> None:
         """Group keys by which heads call them sinks. sinks [B, H, T0] → slot per key [B, T0], heads per slot."""

@@ -50,7 +50,19 @@ def act_sinks(probs: torch.Tensor, real: torch.Tensor | None = None, *, test: st
     head (code: ``indices[1:]``), ``"token"`` spares only the first real token, ``"none"`` keeps all."""
     real_mask = torch.ones(probs.shape[0], probs.shape[-1], dtype=torch.bool, device=probs.device) if real is None \
         else real.to(probs.device)
-    scores = act_column_scores(probs, real_mask)  # [B, H, K]
+    rows = probs.float() * real_mask[:, None, :, None]  # [B, H, N, N]: padded query rows do not count
+    return act_sinks_from_columns(rows.sum(dim=2), real_mask, test=test, theta=theta, alpha=alpha,
+                                  drop_first=drop_first)
+
+
+def act_sinks_from_columns(col_sum: torch.Tensor, real: torch.Tensor | None = None, *, test: str = "code",
+                           theta: float = 0.1, alpha: float = 5.0, drop_first: str = "detected") -> torch.Tensor:
+    """:func:`act_sinks` from column sums ``[B, H, K]`` (attention each key gets from the real queries of a causal
+    prefill) — what the fused backends provide without the ``[Q, K]`` matrix."""
+    real_mask = torch.ones(col_sum.shape[0], col_sum.shape[-1], dtype=torch.bool, device=col_sum.device) \
+        if real is None else real.to(col_sum.device)
+    later_real = real_mask.flip(1).long().cumsum(1).flip(1)  # [B, K]: real queries at positions ≥ j
+    scores = col_sum.float() / later_real.clamp_min(1)[:, None, :].float()  # [B, H, K]
     if test == "code":
         sinks = scores > theta
     elif test == "paper":
