@@ -265,7 +265,8 @@ class Handle:
             return
         from attnkit.hooks.transformers import past_length_of
 
-        self.tracker.observe(ids, kwargs.get("attention_mask"), past_length_of(kwargs, new_len), batch, new_len)
+        tracked = self.tracker.length if self.tracker.batch == batch else 0
+        self.tracker.observe(ids, kwargs.get("attention_mask"), past_length_of(kwargs, new_len, tracked), batch, new_len)
 
     def _pre_forward_outer(self, module, args, kwargs):
         self._outer_depth += 1

@@ -58,6 +58,9 @@ class SequenceTracker:
     def __init__(self, image_token_id: int | None = None):
         self.image_token_id = image_token_id
         self.user_spans: dict[str, torch.Tensor | list] = {}
+        #: layer -> callable returning the original position of every key slot ``[B, K]`` (or None) for layers
+        #: whose cache no longer holds a contiguous suffix of the sequence (token pruning)
+        self.key_position_providers: dict[int, object] = {}
         self.sequence_id = 0  # bumps at every new sequence (prefill), so interventions can reset their state
         self.last_was_prefill = True
         self.reset()
@@ -153,6 +156,29 @@ class SequenceTracker:
             return spec.detach().to("cpu")
         return ranges_to_mask(spec, batch, length)
 
+    def provide_key_positions(self, layers, provider) -> "_ProviderRegistration":
+        """Register ``provider() -> [B, K] | None`` giving the original positions of the key slots of ``layers``;
+        returns an object whose ``remove()`` unregisters it (hand it back from ``Intervention.install``)."""
+        for layer in layers:
+            self.key_position_providers[layer] = provider
+        return _ProviderRegistration(self, list(layers), provider)
+
+    def positions_for(self, layer: int, n: int) -> torch.Tensor | slice:
+        """Tracked positions of the last ``n`` keys of ``layer``: a slice, or ``[B, n]`` indices after pruning."""
+        provider = self.key_position_providers.get(layer)
+        positions = provider() if provider is not None else None
+        if positions is not None and positions.shape[-1] >= n:
+            return positions[:, positions.shape[-1] - n :].to("cpu")
+        return slice(self.length - n, self.length)
+
+    def gather(self, name: str, layer: int, n: int) -> torch.Tensor:
+        """Span ``name`` at the last ``n`` key slots of ``layer`` → bool ``[B, n]``."""
+        mask = self.mask(name)  # [B, T]
+        where = self.positions_for(layer, n)
+        if isinstance(where, slice):
+            return mask[:, where]
+        return torch.gather(mask, 1, where.clamp(0, mask.shape[1] - 1))
+
     # ---- queries -------------------------------------------------------------------------------------------
     def mask(self, name: str) -> torch.Tensor:
         """Bool mask ``[B, T]`` over all tracked positions for a built-in or user span."""
@@ -191,6 +217,16 @@ class SequenceTracker:
         starts = img & ~torch.cat([torch.zeros_like(img[:, :1]), img[:, :-1]], dim=1)  # [B, T]
         index = starts.long().cumsum(dim=1) - 1  # [B, T]
         return torch.where(img, index, torch.full_like(index, -1))
+
+
+class _ProviderRegistration:
+    def __init__(self, tracker, layers, provider):
+        self.tracker, self.layers, self.provider = tracker, layers, provider
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            if self.tracker.key_position_providers.get(layer) is self.provider:
+                del self.tracker.key_position_providers[layer]
 
 
 # ---- building user spans from text ---------------------------------------------------------------------------

@@ -232,8 +232,9 @@ class TransformersAdapter:
             site.handle = None
 
 
-def past_length_of(kwargs: dict, new_len: int) -> int:
-    """How many tokens the KV cache held before this call."""
+def past_length_of(kwargs: dict, new_len: int, tracked: int = 0) -> int:
+    """How many tokens of the sequence came before this call: from the 2D mask when given, else — for a
+    non-empty cache — the length attnkit tracked (a pruned or windowed cache holds fewer slots than tokens seen)."""
     mask = kwargs.get("attention_mask")
     cache = kwargs.get("past_key_values")
     if cache is None:
@@ -241,6 +242,7 @@ def past_length_of(kwargs: dict, new_len: int) -> int:
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         return max(mask.shape[1] - new_len, 0)
     try:
-        return int(cache.get_seq_length())
+        cached = int(cache.get_seq_length())
     except Exception:  # noqa: BLE001 - exotic caches: treat as fresh sequence
         return 0
+    return tracked if cached > 0 and tracked >= cached else cached

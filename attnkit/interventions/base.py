@@ -83,13 +83,21 @@ class AttentionContext:
         total = self.tracker.length if self.tracker is not None else n
         return slice(total - n, total)
 
+    def keys_of(self, tracked: torch.Tensor) -> torch.Tensor:
+        """Select this call's key slots from a ``[B, T]`` tensor over all tracked positions → ``[B, K]``
+        (follows pruned caches: see :meth:`attnkit.spans.SequenceTracker.provide_key_positions`)."""
+        where = self.tracker.positions_for(self.layer, self.k_len)
+        if isinstance(where, slice):
+            return tracked[:, where]
+        return torch.gather(tracked, 1, where.to(tracked.device).clamp(0, tracked.shape[1] - 1))
+
     def key_mask(self, name: str) -> torch.Tensor:
         """Bool ``[B, K]``: which keys of this call belong to span ``name`` (see :mod:`attnkit.spans`)."""
         if name in self.spans:
             return self.spans[name].to(self.device)
         if self.tracker is None:
             raise KeyError(f"span {name!r} is not available here; available: {sorted(self.spans)}")
-        mask = self.tracker.mask(name)[:, self._positions(self.k_len)]  # [B, K]
+        mask = self.tracker.gather(name, self.layer, self.k_len)  # [B, K]
         return mask.to(self.device, non_blocking=True)
 
     def query_mask(self, name: str) -> torch.Tensor:
@@ -99,7 +107,7 @@ class AttentionContext:
         elif self.tracker is None:
             raise KeyError(f"span {name!r} is not available here; available: {sorted(self.spans)}")
         else:
-            q_mask = self.tracker.mask(name)[:, self._positions(self.q_len)]  # [B, Q]
+            q_mask = self.tracker.gather(name, self.layer, self.q_len)  # [B, Q]: queries are the newest keys
         q_mask = q_mask.to(self.device)
         return q_mask if self.query_rows is None else q_mask[:, self.query_rows.to(self.device)]
 

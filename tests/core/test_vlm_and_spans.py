@@ -87,3 +87,22 @@ def test_user_spans_batch_and_errors():
     assert tracker.mask("instruction").int().tolist() == [[0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1]]
     with pytest.raises(ValueError, match="reserved"):
         handle.set_span("image", [[(0, 1)], [(0, 1)]])
+
+
+def test_spans_follow_kept_tokens_after_fastv_pruning():
+    from attnkit.interventions.pruning.fastv import FastV
+
+    model = tiny_vlm("llava")
+    inputs = vlm_inputs("llava", model, batch=2, left_pad=2)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    probe = RecordSpans(layers=[1])
+    fastv = FastV(k=1, ratio=0.5)
+    with torch.no_grad(), attnkit.attach(model, [fastv, probe]):
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    prefill, decode = probe.seen[0], probe.seen[-1]
+    n_img = int((ids[0] == model.config.image_token_id).sum())
+    kept_images = prefill["image"].sum(dim=1)
+    assert kept_images.tolist() == [n_img - n_img // 2] * 2  # half of each sample's image tokens survive
+    assert prefill["k_len"] < ids.shape[1]  # a real shorter sequence in layer 1
+    assert torch.equal(decode["image"][:, : prefill["k_len"]], prefill["image"])
+    assert decode["response"][:, -1].all() and not decode["response"][:, :-1].any()

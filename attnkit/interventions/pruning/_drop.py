@@ -15,9 +15,9 @@ Samples may keep different numbers of tokens (different image counts or rounding
 prefill; layers ``≥ start`` cache only the kept slots and every decode step gets a mask over
 ``kept slots + new tokens``. Layers below ``start`` are untouched.
 
-Note for methods stacked after a dropper: attnkit's span tracker assumes an attention call's keys are the last K
-tracked positions. That no longer holds in layers ``≥ start``; :meth:`TokenDropper.key_positions` gives the
-original position of every key slot so such methods can gather tracker masks themselves.
+Methods stacked after a dropper keep reading correct spans: the dropper registers
+:meth:`TokenDropper.key_positions` (the original position of every key slot in layers ``≥ start``) with the span
+tracker, and ``ctx.key_mask`` / ``ctx.keys_of`` gather by those positions.
 
 Example:
     >>> import torch
@@ -131,8 +131,11 @@ class TokenDropper:
         self.last_counts: tuple[list[int], list[int]] | None = None
 
     def install(self) -> list:
-        return [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
-                for i, layer in enumerate(self.layers) if i >= self.start]
+        hooks = [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
+                 for i, layer in enumerate(self.layers) if i >= self.start]
+        # spans read by methods stacked in layers ≥ start follow the kept tokens' original positions
+        layers = range(self.start, len(self.layers))
+        return hooks + [self.handle.tracker.provide_key_positions(layers, self.key_positions)]
 
     # ---- bookkeeping --------------------------------------------------------------------------------------------
     def key_positions(self) -> torch.Tensor | None:

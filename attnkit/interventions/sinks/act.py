@@ -114,7 +114,7 @@ class ACT(Intervention):
             if slot is not None and slot.shape[0] == ctx.batch:
                 n = min(slot.shape[1], out.shape[1])
                 out[:, :n] = slot[:, :n] == i
-            return out[:, ctx._positions(ctx.k_len)].to(ctx.device)
+            return ctx.keys_of(out).to(ctx.device)
 
         return mask
 

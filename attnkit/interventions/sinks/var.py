@@ -144,7 +144,7 @@ class VAR(Intervention):
         if sinks is not None and seq == ctx.tracker.sequence_id and sinks.shape[0] == ctx.batch:
             n = min(sinks.shape[1], out.shape[1])
             out[:, :n] = sinks[:, :n]
-        return out[:, ctx._positions(ctx.k_len)].to(ctx.device)  # [B, K]
+        return ctx.keys_of(out).to(ctx.device)  # [B, K]
 
     def visual_sink_mask(self, ctx) -> torch.Tensor:
         return self.sink_mask(ctx) & ctx.key_mask("image")
