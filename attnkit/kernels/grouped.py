@@ -41,6 +41,8 @@ BACKENDS = ("eager", "torch", "triton")
 
 # Largest number of contiguous (group, padding) runs per sample for which the span path is used.
 MAX_SPAN_RUNS = 48
+# Up to this many query rows (decode steps) the chunked math path is used: O(Q·K) memory, one pass over the keys.
+DECODE_ROWS = 8
 # Score-matrix budget (elements) for one query chunk of the chunked fallback: 2**22 fp32 = 16 MiB.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -314,6 +316,8 @@ def group_partials(q, k, v, key_group, num_groups: int, *, scale: float | None =
     if backend == "eager":
         return _chunked_group_partials(q, k, v, key_group, num_groups, chunk=Q, restrict_keys=False, **kw)
     if backend == "torch":
+        if Q <= DECODE_ROWS:  # decode / tiny chunks: one pass over the keys beats a call per span
+            return _chunked_group_partials(q, k, v, key_group, num_groups, chunk=None, restrict_keys=True, **kw)
         runs = group_runs(key_group, key_padding)
         if _span_eligible(runs, window):
             return _span_group_partials(q, k, v, runs, num_groups, scale=scale, causal=causal)
