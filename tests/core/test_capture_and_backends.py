@@ -178,3 +178,25 @@ def test_score_bias_and_group_factors_in_one_layer_fall_back_to_eager_or_raise()
         assert {m["backend"] for m in handle.report()["modules"]} == {"eager"}
     with pytest.raises(attnkit.AttachError, match="needs 'score_bias'"):
         attnkit.attach(model, [Noop(hooks=("score_bias",)), DampFirst()], backend="torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_noop_and_reweighting(dtype):
+    from attnkit.interventions.noop import Noop
+
+    model = tiny_causal_lm("llama").to(dtype)
+    ids = torch.randint(3, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    real = mask.bool()
+    with torch.no_grad():
+        stock = model(ids, attention_mask=mask).logits.float()
+        with attnkit.attach(model, [Noop(hooks=("query_scale", "edit_output"))]):
+            noop = model(ids, attention_mask=mask).logits.float()
+        out = {}
+        for backend in ("eager", "torch"):
+            with attnkit.attach(model, [DampFirst()], backend=backend):
+                out[backend] = model(ids, attention_mask=mask).logits
+    assert (noop - stock)[real].abs().max() == 0  # the fused path is the stock SDPA call
+    assert out["torch"].dtype == dtype and torch.isfinite(out["torch"]).all()
+    torch.testing.assert_close(out["torch"].float()[real], out["eager"].float()[real], atol=3e-2, rtol=3e-2)
