@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the editable install resolves as a namespace here
 
 
 def llava_576(hidden: int, layers: int, heads: int):
@@ -77,7 +73,7 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--layers", type=int, default=32)  # LLaVA-1.5-7B depth
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=9)
