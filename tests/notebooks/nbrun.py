@@ -47,6 +47,8 @@ class Executed:
                               if o.output_type == "stream" and o.get("name") == "stdout")
         lines = [line for line in self.stdout.splitlines() if line.startswith("SUMMARY ")]
         self.summary = json.loads(lines[-1][len("SUMMARY "):]) if lines else None
+        self.markdown = "".join(o["data"]["text/markdown"] for c in nb.cells if c.cell_type == "code"
+                                for o in c.outputs if "text/markdown" in o.get("data", {}))
         self.pngs = [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
                      if "image/png" in o.get("data", {})]
         self.figure_reprs = [o["data"].get("text/plain", "") for c in nb.cells if c.cell_type == "code"

@@ -6,7 +6,8 @@ import pytest
 
 from nbrun import NOTEBOOKS
 
-EXECUTED_BY_TESTS = {"01_sinks_and_head_scores.ipynb", "02_lvlm_visual_attention.ipynb"}
+EXECUTED_BY_TESTS = {"01_sinks_and_head_scores.ipynb", "02_lvlm_visual_attention.ipynb",
+                     "03_diffusion_cross_attention.ipynb", "04_recipes_and_eval.ipynb"}
 
 
 def test_every_notebook_has_an_execution_test():
