@@ -215,15 +215,24 @@ def tiny_sd_pipeline(seed: int = 0):
 
     words = ["a", "cat", "dog", "photo", "of", "red", "blue", "car", "on", "the", "grass", "sky"]
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "<unk>": 2}
-    for w in words:
-        vocab[w + "</w>"] = len(vocab)
+    merges = []
+    for w in words:  # BPE merges that build each word left to right, so whole words become single tokens
+        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        for piece in pieces:
+            vocab.setdefault(piece, len(vocab))
+        current = pieces[0]
+        for piece in pieces[1:]:
+            if f"{current} {piece}" not in merges:
+                merges.append(f"{current} {piece}")
+            current += piece
+            vocab.setdefault(current, len(vocab))
     import json
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file = f"{tmp}/vocab.json", f"{tmp}/merges.txt"
         json.dump(vocab, open(vocab_file, "w"))
-        open(merges_file, "w").write("#version: 0.2\n")
+        open(merges_file, "w").write("#version: 0.2\n" + "\n".join(merges) + "\n")
         tokenizer = CLIPTokenizer(vocab_file, merges_file, model_max_length=8, pad_token="<|endoftext|>")
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
