@@ -2,6 +2,7 @@
 
 Example:
     python -m attnkit.eval --model smollm2 --task truthfulqa_mc --recipes baseline var.yaml --limit 20 --out runs/tqa
+    python -m attnkit.eval --model tiny-llava --task chair --recipes baseline var-auto --limit 8 --out runs/chair
     accelerate launch --num_processes 2 -m attnkit.eval --model smollm2 --task wikitext2_ppl --limit 8 --out runs/ppl
 
 On CPU-only machines ``accelerate launch --cpu`` starts one process unless MPI is set up; use
@@ -19,13 +20,16 @@ import sys
 
 import yaml
 
+TINY_LLAVA = {"tiny-llava", "tiny_llava"}  # the random tiny LLaVA + word-level processor (pipeline checks only)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     from attnkit.eval.registry import list_tasks
 
     p = argparse.ArgumentParser(prog="attnkit eval", description=__doc__.split("\n\n")[0],
                                 epilog=f"tasks: {', '.join(list_tasks())}")
-    p.add_argument("--model", required=True, help="'smollm2' or a local path / hub name for from_pretrained")
+    p.add_argument("--model", required=True, help="'smollm2', 'tiny-llava' (random weights: pipeline check) or a "
+                                                  "local path / hub name for from_pretrained")
     p.add_argument("--task", required=True, help="registered task name or a task YAML file")
     p.add_argument("--recipes", nargs="+", default=["baseline"], help="arms: baseline, recipe files, module:factory")
     p.add_argument("--limit", type=int, default=None, help="first N examples of the task")
@@ -76,10 +80,17 @@ def main(argv=None) -> int:
 
     rank, world, barrier, device = _distributed()
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, tokenizer = load_model(args.model, dtype=dtype)
+    overrides = parse_overrides(args.overrides)
+    if args.model.lower() in TINY_LLAVA:
+        from attnkit.eval.lvlm import RANDOM_WEIGHTS_NOTE, tiny_llava
+
+        model, tokenizer = tiny_llava()
+        overrides.setdefault("note", RANDOM_WEIGHTS_NOTE)
+    else:
+        model, tokenizer = load_model(args.model, dtype=dtype)
     if device is not None:
         model.to(device)
-    task = get_task(args.task, **parse_overrides(args.overrides))
+    task = get_task(args.task, **overrides)
     report = run_eval(model, tokenizer, task, args.recipes, limit=args.limit, out_dir=args.out,
                       shard=(rank, world), progress=not args.no_progress, figures=not args.no_figures,
                       n_boot=args.n_boot, seed=args.seed, barrier=barrier)

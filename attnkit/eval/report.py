@@ -56,11 +56,12 @@ def _fmt(x) -> str:
 
 
 def to_markdown(report: dict) -> str:
-    """Markdown: a metric table per arm, then Δ vs baseline with the 95% CI."""
+    """Markdown: a metric table per arm, then Δ vs baseline with the 95% CI (a ``note`` task param is shown above the table)."""
     arms, metrics, base = list(report["arms"]), report["metrics"], report["baseline"]
     lines = [f"# {report['task']}", "", report.get("description") or "", "",
              f"Paired examples: {report['n_paired']} of {report['n_examples']}. Baseline arm: `{base}`. "
              f"Parameters: `{json.dumps(report['params'], default=str)}`.", "",
+             *([f"> **Note:** {report['params']['note']}", ""] if report["params"].get("note") else []),
              "| arm | " + " | ".join(metrics) + " | s/example |", "|---" * (len(metrics) + 2) + "|"]
     for a in arms:
         vals = [_fmt(report["arms"][a].get(m, math.nan)) for m in metrics]

@@ -8,6 +8,8 @@
 * Every arm runs the same first ``limit`` examples. Each finished example is appended as one JSON line to
   ``out_dir/results[.rankR].jsonl`` and flushed, so a killed run loses at most the example in flight. On restart
   finished ``(arm, id)`` pairs are skipped (a torn last line is cut off first), so nothing is duplicated.
+  Tasks with ``example_batch_size > 1`` run that many examples per call and append the batch's records when it
+  finishes (a kill then loses at most one batch); each record's ``seconds`` is the batch time / batch size.
 * ``shard=(rank, world)`` takes examples ``rank::world`` (accelerate data parallelism); any process can resume
   any shard because completion is read from all result files.
 * The report (``report.md``, ``report.json``, figures) is written from the union of all result files by
@@ -162,16 +164,23 @@ def run_shard(model, tokenizer, task: Task, arms: Mapping[str, Callable], exampl
         for arm, pending in todo.items():
             if not pending:
                 continue
+            size = max(1, int(task.example_batch_size))
             with arms[arm](model):
-                for ex in pending:
+                for start in range(0, len(pending), size):
+                    batch = pending[start:start + size]
                     t0 = time.perf_counter()
-                    rec = task.run_example(model, tokenizer, ex)
-                    rec.update(arm=arm, id=ex["id"], seconds=time.perf_counter() - t0)
-                    fh.write(json.dumps(rec, default=_json_default) + "\n")
+                    recs = task.run_batch(model, tokenizer, batch)
+                    if len(recs) != len(batch):
+                        raise RuntimeError(f"task {task.name!r}: run_batch returned {len(recs)} records for "
+                                           f"{len(batch)} examples.")
+                    seconds = (time.perf_counter() - t0) / len(batch)
+                    for ex, rec in zip(batch, recs):
+                        rec.update(arm=arm, id=ex["id"], seconds=seconds)
+                        fh.write(json.dumps(rec, default=_json_default) + "\n")
                     fh.flush()
                     os.fsync(fh.fileno())
-                    ran += 1
-                    bar.update(1)
+                    ran += len(batch)
+                    bar.update(len(batch))
     bar.close()
     return ran
 

@@ -2,7 +2,8 @@
 
 A task is a YAML file (``attnkit/eval/tasks/<name>.yaml``: ``name``, ``class``, ``params``, ``description``) plus
 the class it names, which lives in the task's metric module. Records must be JSON-serialisable dicts; the runner
-adds ``arm``, ``id`` and ``seconds``. ``aggregate`` must work on any subset of records (the bootstrap resamples
+adds ``arm``, ``id`` and ``seconds``. Tasks that batch (POPE, CHAIR: ``batch_size`` param) override
+``example_batch_size`` and ``run_batch``; the runner then appends a whole batch's records when it finishes. ``aggregate`` must work on any subset of records (the bootstrap resamples
 them), and ``metrics`` lists the aggregate keys reported, with ``higher_is_better`` per key.
 
 Example:
@@ -43,6 +44,15 @@ class Task:
     def run_example(self, model, tokenizer, example: dict) -> dict:
         """Run the model on one example and return its JSON-serialisable record."""
         raise NotImplementedError
+
+    @property
+    def example_batch_size(self) -> int:
+        """Examples the runner hands to one ``run_batch`` call (1 unless a task batches, e.g. generation)."""
+        return 1
+
+    def run_batch(self, model, tokenizer, examples: Sequence[dict]) -> list[dict]:
+        """Records of several examples at once; the default runs them one by one."""
+        return [self.run_example(model, tokenizer, ex) for ex in examples]
 
     def aggregate(self, records: Sequence[dict]) -> dict:
         """Metrics over a list of this task's records."""

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from attnkit.eval import get_task, run_eval
+from attnkit.eval import get_task, read_records, run_eval
 from attnkit.eval.loglik import loglikelihood
 from attnkit.eval.metrics import perplexity as ppl
 from attnkit.eval.runner import null_arm
@@ -67,3 +67,43 @@ def test_cost_real(smol):
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     assert rec["kv_cache_bytes"] == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (32 + 4 - 1) * head_dim * 4
     assert rec["tokens_per_s"] > 0 and rec["prefill_s"] > 0
+
+
+def _tiny_truthfulqa(path, n_questions=1, n_answers=2):
+    """The first TruthfulQA rows, each cut to ``n_answers`` correct and incorrect answers (a fast real subset)."""
+    import csv
+
+    from attnkit.data import data_path
+
+    with open(data_path("truthfulqa", "TruthfulQA.csv"), newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = [row for _, row in zip(range(n_questions), reader)]
+        fields = reader.fieldnames
+    for row in rows:
+        for col in ("Correct Answers", "Incorrect Answers"):
+            row[col] = "; ".join(row[col].split(";")[:n_answers])
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_recipe_arms_through_attach(smol, tmp_path):
+    """Arms given as preset names go through attnkit.attach: noop reproduces the baseline bit for bit,
+    act-llama changes every log-likelihood, and the report carries paired deltas with CIs."""
+    model, tok = smol
+    task = get_task("truthfulqa_mc", path=str(_tiny_truthfulqa(tmp_path / "tqa.csv")), batch_size=8)
+    rep = run_eval(model, tok, task, ["baseline", "noop", "act-llama"], out_dir=tmp_path / "run",
+                   progress=False, n_boot=50, figures=False)
+    recs = {(r["arm"], r["id"]): r for r in read_records(tmp_path / "run")}
+    assert rep["n_paired"] == 1 and set(rep["deltas"]) == {"noop", "act-llama"}
+    assert recs[("noop", "0")]["lls"] == recs[("baseline", "0")]["lls"]  # exact, not approx
+    assert all(d == {"delta": 0.0, "ci_low": 0.0, "ci_high": 0.0} for d in rep["deltas"]["noop"].values())
+    act, base = recs[("act-llama", "0")]["lls"], recs[("baseline", "0")]["lls"]
+    assert all(a != pytest.approx(b, abs=1e-4) for a, b in zip(act, base))
+    d = rep["deltas"]["act-llama"]["mc2"]
+    assert d["delta"] != 0.0 and d["ci_low"] <= d["delta"] <= d["ci_high"]
+    assert "| act-llama |" in (tmp_path / "run" / "report.md").read_text()
+    # the handle is removed after its arm: the stock model again
+    assert task.run_example(model, tok, task.examples()[0])["lls"] == recs[("baseline", "0")]["lls"]

@@ -239,7 +239,7 @@ from attnkit.eval.task import Task  # noqa: E402
 
 class ChairTask(Task):
     """Caption the coco_tiny images and score CHAIR. Params: ``prompt``, ``max_new_tokens``, ``instances``,
-    ``image_dir``."""
+    ``image_dir``, ``batch_size`` (captions per ``generate`` call)."""
 
     metrics = ("chair_s", "chair_i", "recall", "mean_length")
     higher_is_better = {"chair_s": False, "chair_i": False, "recall": True, "mean_length": True}
@@ -259,17 +259,28 @@ class ChairTask(Task):
         return [{"id": str(im["id"]), "image_id": int(im["id"]), "image": str(image_dir / im["file_name"])}
                 for im in sorted(images, key=lambda im: im["id"])]
 
-    def run_example(self, model, tokenizer, example: dict) -> dict:
-        from attnkit.eval.generation import generate_answer, is_multimodal, load_image
+    @property
+    def example_batch_size(self) -> int:
+        return int(self.params.get("batch_size", 1))
+
+    def run_batch(self, model, tokenizer, examples) -> list[dict]:
+        from attnkit.eval.generation import generate_answers, is_multimodal, load_image
 
         if self._gt is None:
             self._gt, self._vocab = load_ground_truth(), ChairVocab.load()
-        image = load_image(example["image"]) if is_multimodal(tokenizer) else None
-        caption = generate_answer(model, tokenizer, self.params.get("prompt", "Please describe this image in detail."),
-                                  image, self.params.get("max_new_tokens", 64))
-        rec = score_caption(caption, example["image_id"], self._gt, self._vocab)
-        rec.update(caption=caption, image_used=image is not None)
-        return rec
+        images = [load_image(ex["image"]) for ex in examples] if is_multimodal(tokenizer) else None
+        prompt = self.params.get("prompt", "Please describe this image in detail.")
+        captions = generate_answers(model, tokenizer, [prompt] * len(examples), images,
+                                    self.params.get("max_new_tokens", 64))
+        out = []
+        for ex, caption in zip(examples, captions):
+            rec = score_caption(caption, ex["image_id"], self._gt, self._vocab)
+            rec.update(caption=caption, image_used=images is not None)
+            out.append(rec)
+        return out
+
+    def run_example(self, model, tokenizer, example: dict) -> dict:
+        return self.run_batch(model, tokenizer, [example])[0]
 
     def aggregate(self, records) -> dict:
         m = chair_metrics(records)

@@ -1,4 +1,5 @@
-"""POPE: yes/no answer parsing, metrics and POPE-style question generation (METHODS.md section 4).
+"""POPE: yes/no answer parsing, metrics, question files (JSON lines or ``datasets``) and POPE-style question
+generation (METHODS.md section 4).
 
 Two parsers are offered and every report names the one used:
 
@@ -122,6 +123,64 @@ def load_questions(path: str | Path) -> list[dict]:
                 raise ValueError(f"{path}:{lineno}: POPE row lacks fields {sorted(missing)}.")
             out.append(row)
     return out
+
+
+def _first(row: dict, keys, what: str, where: str):
+    for k in keys:
+        if k in row and row[k] is not None:
+            return row[k]
+    raise ValueError(f"{where}: POPE row lacks a {what} column (one of {list(keys)}); columns: {sorted(row)}.")
+
+
+def load_questions_dataset(name: str | Path, split: str | None = None, category: str | None = None,
+                           config: str | None = None):
+    """POPE questions from a Hugging Face ``datasets`` dataset: a hub name, or a folder written by
+    ``save_to_disk`` (read with ``load_from_disk``, no network).
+
+    Columns: ``question``/``text``, ``answer``/``label`` (yes/no, any case), ``question_id``/``id`` (else the row
+    index), and ``image`` (a file name, or an embedded image as in ``lmms-lab/POPE``) or ``image_source``.
+    When the dataset has a ``category`` column and ``category`` is given (POPE's random/popular/adversarial),
+    only those rows are kept. Returns ``(rows, dataset)``: rows are ``{question_id, text, label, image, index}``
+    with ``image`` a file name or ``None`` when the image is embedded (fetch it with ``dataset[index]["image"]``).
+
+    Example:
+        >>> import datasets, tempfile
+        >>> ds = datasets.Dataset.from_list([{"question": "Is there a cat in the image?", "answer": "Yes",
+        ...                                   "image": "a.jpg", "category": "random"},
+        ...                                  {"question": "Is there a dog in the image?", "answer": "no",
+        ...                                   "image": "a.jpg", "category": "popular"}])
+        >>> folder = tempfile.mkdtemp()
+        >>> ds.save_to_disk(folder)
+        >>> rows, _ = load_questions_dataset(folder, category="popular")
+        >>> rows
+        [{'question_id': '1', 'text': 'Is there a dog in the image?', 'label': 'no', 'image': 'a.jpg', 'index': 1}]
+    """
+    import datasets
+
+    where = f"POPE dataset {name}"
+    if Path(name).is_dir():
+        ds = datasets.load_from_disk(str(name))
+    else:
+        ds = datasets.load_dataset(str(name), config, split=split or "test")
+    if isinstance(ds, datasets.DatasetDict):
+        if (split or "test") not in ds:
+            raise KeyError(f"{where}: no split {split or 'test'!r}; splits: {list(ds)}.")
+        ds = ds[split or "test"]
+    meta = ds.remove_columns([c for c in ("image",) if c in ds.column_names
+                              and not isinstance(ds.features[c], datasets.Value)])
+    rows = []
+    for i, row in enumerate(meta):
+        if category is not None and row.get("category") not in (None, category):
+            continue
+        label = str(_first(row, ("answer", "label"), "answer", where)).strip().lower()
+        image = row.get("image") if "image" in meta.column_names else None
+        if image is None and row.get("image_source") and "image" not in ds.column_names:
+            image = f"{row['image_source']}.jpg"
+        qid = next((row[k] for k in ("question_id", "id") if row.get(k) is not None), i)
+        rows.append({"question_id": str(qid),
+                     "text": _first(row, ("question", "text"), "question", where), "label": label,
+                     "image": image, "index": i})
+    return rows, ds
 
 
 # ----------------------------------------------------------------------------------------------- generation
@@ -251,39 +310,71 @@ from attnkit.eval.task import Task  # noqa: E402  (tasks sit below the model-fre
 
 
 class PopeTask(Task):
-    """POPE on generated coco_tiny questions (``source: coco_tiny``) or a shipped/own question file
-    (``source: pope_file`` → ``pope/coco_pope_<split>.json``, or ``question_file: path``).
+    """POPE on generated coco_tiny questions (``source: coco_tiny``), a shipped/own question file
+    (``source: pope_file`` → ``pope/coco_pope_<split>.json``, or ``question_file: path``) or a ``datasets``
+    dataset (``source: datasets``, ``dataset: <hub name or save_to_disk folder>``, ``dataset_split``; rows are
+    filtered on ``category == split`` when that column exists; see ``load_questions_dataset``).
 
     Params: ``split``, ``source``, ``parser`` ("robust"|"official"), ``seed``, ``max_new_tokens``,
-    ``prompt_suffix``, ``image_dir``, ``zero_division``.
+    ``prompt_suffix``, ``image_dir``, ``zero_division``, ``batch_size`` (questions per ``generate`` call).
     """
 
     metrics = ("f1", "accuracy", "precision", "recall", "yes_ratio", "unknown_ratio")
     higher_is_better = {"unknown_ratio": False}
+
+    def __init__(self, name, **params):
+        super().__init__(name, **params)
+        self._dataset = None
+
+    @property
+    def example_batch_size(self) -> int:
+        return int(self.params.get("batch_size", 1))
 
     def examples(self, tokenizer=None) -> list[dict]:
         from attnkit.data import data_path
 
         p = self.params
         split = p.get("split", "random")
-        if p.get("question_file") or p.get("source") == "pope_file":
+        image_dir = p.get("image_dir")
+        if p.get("source") == "datasets":
+            if not p.get("dataset"):
+                raise ValueError(f"task {self.name!r}: source=datasets needs `dataset` (hub name or folder).")
+            rows, self._dataset = load_questions_dataset(p["dataset"], p.get("dataset_split"), split,
+                                                         p.get("dataset_config"))
+        elif p.get("question_file") or p.get("source") == "pope_file":
             path = p.get("question_file") or data_path("pope", f"coco_pope_{split}.json")
             rows = load_questions(path)
-            image_dir = p.get("image_dir")
         else:
             rows = coco_questions(split, seed=p.get("seed", 0))
-            image_dir = p.get("image_dir") or data_path("coco_tiny", "val2017")
+            image_dir = image_dir or data_path("coco_tiny", "val2017")
         return [{"id": str(r["question_id"]), "text": r["text"], "label": r["label"],
-                 "image": str(Path(image_dir) / r["image"]) if image_dir else None} for r in rows]
+                 "image": str(Path(image_dir) / r["image"]) if image_dir and r["image"] else r["image"],
+                 "index": r.get("index")} for r in rows]
+
+    def _image(self, example: dict):
+        from attnkit.eval.generation import load_image
+
+        if example.get("image"):
+            return load_image(example["image"])
+        if self._dataset is not None and example.get("index") is not None:
+            return self._dataset[example["index"]]["image"].convert("RGB")
+        return None
+
+    def run_batch(self, model, tokenizer, examples) -> list[dict]:
+        from attnkit.eval.generation import generate_answers, is_multimodal
+
+        images = [self._image(ex) for ex in examples] if is_multimodal(tokenizer) else None
+        if images is not None and any(im is None for im in images):
+            images = None
+        suffix = self.params.get("prompt_suffix", " Answer yes or no.")
+        answers = generate_answers(model, tokenizer, [ex["text"] + suffix for ex in examples], images,
+                                   self.params.get("max_new_tokens", 8))
+        parser = self.params.get("parser", "robust")
+        return [{"answer": a, "pred": parse_answer(a, parser), "label": ex["label"], "image_used": images is not None}
+                for a, ex in zip(answers, examples)]
 
     def run_example(self, model, tokenizer, example: dict) -> dict:
-        from attnkit.eval.generation import generate_answer, is_multimodal, load_image
-
-        image = load_image(example["image"]) if example["image"] and is_multimodal(tokenizer) else None
-        prompt = example["text"] + self.params.get("prompt_suffix", " Answer yes or no.")
-        answer = generate_answer(model, tokenizer, prompt, image, self.params.get("max_new_tokens", 8))
-        return {"answer": answer, "pred": parse_answer(answer, self.params.get("parser", "robust")),
-                "label": example["label"], "image_used": image is not None}
+        return self.run_batch(model, tokenizer, [example])[0]
 
     def aggregate(self, records) -> dict:
         m = metrics_from_records(records, self.params.get("zero_division", 0.0))
