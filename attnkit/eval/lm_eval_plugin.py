@@ -50,6 +50,18 @@ def _dtype(value):
     return getattr(torch, value) if isinstance(value, str) else value
 
 
+def _usable(device: str) -> bool:
+    """Whether torch can place tensors on ``device`` here (``"cuda"`` on a CPU-only build: no)."""
+    import torch
+
+    kind = str(device).split(":")[0]
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        return torch.backends.mps.is_available()
+    return kind == "cpu"
+
+
 @register_model("attnkit")
 class AttnkitLM(HFLM):
     """``HFLM`` that attaches an attnkit recipe after loading (see the module docstring)."""
@@ -59,8 +71,8 @@ class AttnkitLM(HFLM):
             from attnkit.models import load_smollm2
 
             model, tok = load_smollm2(dtype=_dtype(kwargs.pop("dtype", None)))
-            device = kwargs.get("device")
-            if device:
+            device = kwargs.get("device")  # lm-eval's CLI passes "cuda" by default, also on CPU-only machines
+            if device and _usable(device):
                 model.to(device)
             kwargs.setdefault("tokenizer", tok)
             pretrained = model
