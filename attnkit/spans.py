@@ -103,13 +103,19 @@ class SequenceTracker:
             new_ids = input_ids.detach().to("cpu", torch.long)  # [B, N]
         else:
             new_ids = torch.full((batch, new_len), -1, dtype=torch.long)
-        self.last_was_prefill = past_length == 0 or self.ids is None or self.batch != batch
-        if self.last_was_prefill:
+        joined_mid_sequence = past_length > 0 and (self.ids is None or self.batch != batch)
+        self.last_was_prefill = past_length == 0
+        if past_length == 0 or joined_mid_sequence:
             self.reset()
             self.sequence_id += 1
             self.ids = new_ids
             self.prompt = torch.ones(batch, new_len, dtype=torch.bool)
             self.user = {name: self._user_mask(name, spec, batch, new_len) for name, spec in self.user_spans.items()}
+            if joined_mid_sequence:  # attached after the prefill ran: earlier tokens are unknown prompt tokens
+                self.ids = torch.cat([torch.full((batch, past_length), -1, dtype=torch.long), new_ids], dim=1)
+                self.prompt = torch.cat([torch.ones(batch, past_length, dtype=torch.bool),
+                                         torch.zeros(batch, new_len, dtype=torch.bool)], dim=1)
+                self.user = {}
         else:
             self._align_to(past_length)
             self.ids = torch.cat([self.ids, new_ids], dim=1)

@@ -106,3 +106,18 @@ def test_spans_follow_kept_tokens_after_fastv_pruning():
     assert prefill["k_len"] < ids.shape[1]  # a real shorter sequence in layer 1
     assert torch.equal(decode["image"][:, : prefill["k_len"]], prefill["image"])
     assert decode["response"][:, -1].all() and not decode["response"][:, :-1].any()
+
+
+def test_attaching_after_the_prefill_treats_the_next_call_as_decode():
+    from attnkit.testing import tiny_causal_lm
+
+    model = tiny_causal_lm("llama")
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)  # prefill without attnkit
+        probe = RecordSpans(layers=[0])
+        with attnkit.attach(model, [probe]):
+            model(ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+    (seen,) = probe.seen
+    assert not seen["prefill"] and seen["k_len"] == 7
+    assert seen["response"][:, -1].all() and not seen["response"][:, :-1].any()

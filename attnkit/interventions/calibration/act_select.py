@@ -26,7 +26,7 @@ from attnkit.scores import HeadScores
 
 
 def select_act_heads(model, score_fn: Callable, layers=None, heads=None, min_gain: float = 0.0,
-                     save_to=None, data: str = "", backend: str = "eager", **act_params) -> HeadScores:
+                     save_to=None, data: str = "", backend: str = "auto", **act_params) -> HeadScores:
     """Sweep ACT over single heads. Returns HeadScores of gains (score with ACT on the head − baseline; NaN for
     heads not swept) with the heads whose gain is ``> min_gain`` selected; saved to ``save_to`` when given."""
     import attnkit
