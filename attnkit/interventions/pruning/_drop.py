@@ -241,9 +241,16 @@ class TokenDropper:
             k_pos = self.key_positions().to(hidden.device)  # [B, K]
             k_real = self._key_real().to(hidden.device)
             q_pos = k_pos[:, -q_len:]
+        window = _window_of(self.layers[layer_idx])
+        sdpa_format = not isinstance(like, torch.Tensor) or like.dtype == torch.bool
+        square_or_row = q_len == 1 or q_len == k_pos.shape[1]
+        if sdpa_format and window is None and square_or_row and bool(k_real.all()):
+            # kept slots are in original order and all real: plain causal over slots, so SDPA can take its
+            # is_causal fast path (None = causal for a square prefill, everything visible for decode rows)
+            return None
         dtype = like.dtype if isinstance(like, torch.Tensor) else torch.bool
         return build_mask(q_pos, k_pos, k_real.to(k_pos.device), like if isinstance(like, torch.Tensor) else None,
-                          dtype, window=_window_of(self.layers[layer_idx]))
+                          dtype, window=window)
 
 
 def top_fraction_keep(scores: torch.Tensor, candidates: torch.Tensor, keep_ratio: float | None = None,
