@@ -56,3 +56,34 @@ def test_cli_apply_smollm2(smollm2, monkeypatch, capsys):
                      "--raw", "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "baseline" in out and "intervened" in out and "Paris" in out
+
+
+def _wide_llava():
+    """A 4-layer LLaVA whose residual stream is wide enough (2560) for LLaMA-2-7B's sink dimensions."""
+    import transformers
+
+    text = dict(model_type="llama", vocab_size=128, hidden_size=2560, intermediate_size=64, num_hidden_layers=4,
+                num_attention_heads=20, num_key_value_heads=20, max_position_embeddings=128,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32)
+    config = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_id=120,
+                                      vision_feature_layer=-1)
+    torch.manual_seed(0)
+    return transformers.LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+
+
+def test_var_llava_preset_runs_on_a_model_of_the_right_width():
+    model = _wide_llava()
+    inputs = vlm_inputs("llava", model, batch=2, left_pad=2)
+    dims = [1415, 2533]
+    with torch.no_grad():
+        stock = model(**inputs).logits
+        embed = model.get_input_embeddings().weight
+        embed[:, dims] = 0.0
+        embed[inputs["input_ids"][0, 2], dims] = 400.0  # a token with a massive activation in the sink dimensions
+        with attnkit.attach(model, "var-llava") as handle:
+            out = model(**inputs).logits
+            calls = handle.report()["calls"]["var"]
+    assert calls > 0 and torch.isfinite(out).all()
+    assert out.shape == stock.shape
