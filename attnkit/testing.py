@@ -139,6 +139,28 @@ def vlm_inputs(family: str, model, batch: int = 2, text_len: int = 6, seed: int 
     return inputs
 
 
+def left_padded_llava_batch(model, text_lens=(6, 3), seeds=(0, 1)) -> tuple[dict, list[dict]]:
+    """Single-image LLaVA samples of different lengths stacked into one left-padded batch.
+
+    Returns ``(batch, samples)`` so tests can compare batched results with each sample run alone.
+
+    Example:
+        >>> batch, samples = left_padded_llava_batch(tiny_vlm("llava"))
+        >>> batch["input_ids"].shape[0], int(batch["attention_mask"][1].sum()) == samples[1]["input_ids"].shape[1]
+        (2, True)
+    """
+    samples = [vlm_inputs("llava", model, batch=1, text_len=n, seed=s) for n, s in zip(text_lens, seeds)]
+    width = max(x["input_ids"].shape[1] for x in samples)
+
+    def pad(t):  # [1, N] -> [1, width], zeros on the left
+        return torch.cat([torch.zeros(1, width - t.shape[1], dtype=t.dtype), t], dim=1)
+
+    batch = dict(input_ids=torch.cat([pad(x["input_ids"]) for x in samples]),
+                 attention_mask=torch.cat([pad(x["attention_mask"]) for x in samples]),
+                 pixel_values=torch.cat([x["pixel_values"] for x in samples]))
+    return batch, samples
+
+
 def _llava_next_pixels(model, batch, g):
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 

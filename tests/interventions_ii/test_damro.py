@@ -9,7 +9,7 @@ import torch
 import attnkit
 from attnkit.interventions.pruning._vision_cls import vision_layers
 from attnkit.interventions.pruning.damro import Damro, damro_logits, select_outliers
-from attnkit.testing import tiny_vlm, vlm_inputs
+from attnkit.testing import left_padded_llava_batch, tiny_vlm, vlm_inputs
 
 IMAGE_ID = 120
 
@@ -21,14 +21,7 @@ def llava():
 
 def _mixed_batch(model):
     """Two llava samples of different lengths, the shorter one left-padded; and the samples alone."""
-    a = vlm_inputs("llava", model, batch=1, text_len=6, seed=0)
-    b = vlm_inputs("llava", model, batch=1, text_len=3, seed=1)
-    pad = a["input_ids"].shape[1] - b["input_ids"].shape[1]
-    zeros = torch.zeros(1, pad, dtype=torch.long)
-    ids = torch.cat([a["input_ids"], torch.cat([zeros, b["input_ids"]], 1)])
-    mask = torch.cat([a["attention_mask"], torch.cat([zeros, b["attention_mask"]], 1)])
-    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([a["pixel_values"], b["pixel_values"]]))
-    return batch, [a, b]
+    return left_padded_llava_batch(model)
 
 
 def _hand_outliers(model, pixel_values, k, vision_layer=-1, rule="merged"):

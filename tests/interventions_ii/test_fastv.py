@@ -7,7 +7,7 @@ import attnkit
 from attnkit.interventions.pruning._drop import keep_plan, top_fraction_keep
 from attnkit.interventions.pruning.fastv import FastV
 from attnkit.interventions.pruning.visual_exit import VisualExit
-from attnkit.testing import VISION_FAMILIES, tiny_vlm, vlm_inputs
+from attnkit.testing import left_padded_llava_batch, VISION_FAMILIES, tiny_vlm, vlm_inputs
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +17,7 @@ def llava():
 
 def _mixed_batch(model):
     """Two llava samples of different lengths, the shorter one left-padded; and the samples alone."""
-    a = vlm_inputs("llava", model, batch=1, text_len=6, seed=0)
-    b = vlm_inputs("llava", model, batch=1, text_len=3, seed=1)
-    pad = a["input_ids"].shape[1] - b["input_ids"].shape[1]
-    ids = torch.cat([a["input_ids"], torch.cat([torch.zeros(1, pad, dtype=torch.long), b["input_ids"]], 1)])
-    mask = torch.cat([a["attention_mask"], torch.cat([torch.zeros(1, pad, dtype=torch.long), b["attention_mask"]], 1)])
-    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([a["pixel_values"], b["pixel_values"]]))
-    return batch, [a, b]
+    return left_padded_llava_batch(model)
 
 
 def test_worked_example_keeps_top_half_in_raster_order_with_original_positions():
