@@ -90,59 +90,66 @@ class Handle:
 
     # ---- planning ---------------------------------------------------------------------------------------
     def _plan(self, info: dict):
+        """Resolve every intervention's targets to plan entries per attention site, then pick each site's backend."""
         names = [iv.name for iv in self.interventions]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise AttachError(f"intervention {dupes[0]!r} appears twice in this recipe; give one entry per method")
-        by_site: dict[int, Any] = {}
+        by_site: dict[int, tuple[Any, list[PlanEntry]]] = {}
         site_index = {(s.component, s.layer): s for s in self.adapter.sites}
         for iv in self.interventions:
-            component = iv.component or info["default_component"]
-            comp = info.get(component)
-            if comp is None:
-                raise AttachError(f"{iv.name}: this model has no {component!r} attention layers to target")
-            try:
-                iv.setup(info)
-                layer_heads = iv.target.resolve(comp["num_layers"], comp["num_heads"])
-            except (TargetError, ValueError) as err:
-                raise AttachError(f"{iv.name}: {err}") from None
-            if not iv.capabilities():
-                continue  # works only through install() (e.g. a KV-cache policy): nothing to plan in attention
-            matched = 0
-            for layer, heads in layer_heads.items():
-                site = site_index.get((component, layer))
-                if site is None or not iv.target.matches_module(site.qualname):
-                    continue
-                head_mask = torch.zeros(site.num_heads, dtype=torch.bool)
-                head_mask[heads] = True
-                entry = PlanEntry(iv, head_mask)
+            for site, entry in self._entries_for(iv, info, site_index):
                 site_entries = by_site.setdefault(id(site), (site, []))[1]
                 self._check_conflicts(site, site_entries, entry)
                 site_entries.append(entry)
                 self.entries_by_intervention[id(iv)].append(entry)
-                matched += 1
-            if matched == 0:
-                raise AttachError(
-                    f"{iv.name}: target layers={iv.target.layers!r} modules={iv.target.modules!r} matched no attention "
-                    f"module (valid layers 0..{comp['num_layers'] - 1}; module names look like "
-                    f"{next(iter(site_index.values())).qualname!r})"
-                )
-        planned = []
         for site, entries in by_site.values():
-            needs: dict[str, list[str]] = defaultdict(list)
-            for e in entries:
-                for cap in e.intervention.capabilities():
-                    needs[cap].append(e.intervention.name)
-            if getattr(getattr(site.module, "config", None), "attn_logit_softcapping", None) is not None:
-                needs["softcap"].append(f"{self.model_info.get('model_type')} (attention logit softcapping)")
-            device = next(site.module.parameters(), torch.empty(0)).device
-            try:
-                site.backend = choose_backend(self.requested_backend, dict(needs), device)
-            except (ValueError, KeyError) as err:
-                raise AttachError(f"layer {site.layer}: {err}") from None
             site.entries = entries
-            planned.append(site)
-        return planned
+            site.backend = self._backend_for(site, entries)
+        return [site for site, _ in by_site.values()]
+
+    def _entries_for(self, iv: Intervention, info: dict, site_index: dict) -> list[tuple[Any, PlanEntry]]:
+        """``(site, entry)`` for each attention module ``iv`` targets; raises AttachError when none matches."""
+        component = iv.component or info["default_component"]
+        comp = info.get(component)
+        if comp is None:
+            raise AttachError(f"{iv.name}: this model has no {component!r} attention layers to target")
+        try:
+            iv.setup(info)
+            layer_heads = iv.target.resolve(comp["num_layers"], comp["num_heads"])
+        except (TargetError, ValueError) as err:
+            raise AttachError(f"{iv.name}: {err}") from None
+        if not iv.capabilities():
+            return []  # works only through install() (e.g. a KV-cache policy): nothing to plan in attention
+        found = []
+        for layer, heads in layer_heads.items():
+            site = site_index.get((component, layer))
+            if site is None or not iv.target.matches_module(site.qualname):
+                continue
+            head_mask = torch.zeros(site.num_heads, dtype=torch.bool)  # [H]
+            head_mask[heads] = True
+            found.append((site, PlanEntry(iv, head_mask)))
+        if not found:
+            raise AttachError(
+                f"{iv.name}: target layers={iv.target.layers!r} modules={iv.target.modules!r} matched no attention "
+                f"module (valid layers 0..{comp['num_layers'] - 1}; module names look like "
+                f"{next(iter(site_index.values())).qualname!r})"
+            )
+        return found
+
+    def _backend_for(self, site, entries: list[PlanEntry]):
+        """The backend that runs every hook of ``entries`` on this site's device (see kernels.backends)."""
+        needs: dict[str, list[str]] = defaultdict(list)
+        for e in entries:
+            for cap in e.intervention.capabilities():
+                needs[cap].append(e.intervention.name)
+        if getattr(getattr(site.module, "config", None), "attn_logit_softcapping", None) is not None:
+            needs["softcap"].append(f"{self.model_info.get('model_type')} (attention logit softcapping)")
+        device = next(site.module.parameters(), torch.empty(0)).device
+        try:
+            return choose_backend(self.requested_backend, dict(needs), device)
+        except (ValueError, KeyError) as err:
+            raise AttachError(f"layer {site.layer}: {err}") from None
 
     @staticmethod
     def _check_conflicts(site, existing: list[PlanEntry], new: PlanEntry) -> None:
