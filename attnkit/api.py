@@ -321,7 +321,7 @@ class Handle:
         )
 
     def _run_site(self, site, query, key, value, attention_mask, scaling, dropout, kwargs):
-        """Attention for one transformers module with its plan. q [B,H,Q,D], k/v [B,Hkv,K,D]."""
+        """Attention for one transformers module with its plan. q [B,H,Q,D], k/v [B,Hkv,K,D] → ([B,Q,H,D], None)."""
         from attnkit.hooks.transformers import _stock_function
 
         batch, _, q_len, head_dim = query.shape
@@ -329,39 +329,49 @@ class Handle:
         scaling = head_dim**-0.5 if scaling is None else scaling
         causal = kwargs.get("is_causal", getattr(site.module, "is_causal", True))
         window = kwargs.get("sliding_window")
-        softcap = kwargs.get("softcap")
         dropout = dropout if site.module.training else 0.0
 
         def make_ctx(entry, rows=None):
             return self.make_context(site, entry, q_len, k_len, batch, query.device, causal, window, rows, value=value)
 
+        def stock():
+            out, _ = _stock_function(site.module, site.original_impl)(
+                site.module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            return out.transpose(1, 2)  # [B, H, Q, D] like the backends
+
+        out = self._attend(site, query, key, value, attention_mask, scaling=scaling, causal=causal,
+                           softcap=kwargs.get("softcap"), dropout=dropout, make_ctx=make_ctx, stock=stock,
+                           call_index=self.tracker.forward_index)
+        return out.transpose(1, 2).contiguous(), None  # [B, Q, H, D]
+
+    def _attend(self, site, query, key, value, mask, *, scaling, causal, softcap, dropout, make_ctx, stock,
+                call_index):
+        """Run a site's plan (or the stock attention when it has none) and feed active captures → [B,H,Q,D]."""
         if site.entries:
-            out = site.backend.run(query, key, value, attention_mask, scaling=scaling, entries=site.entries,
-                                   make_ctx=make_ctx, causal=causal, softcap=softcap, dropout=dropout)
-            out = out.transpose(1, 2).contiguous()  # [B, Q, H, D]
+            out = site.backend.run(query, key, value, mask, scaling=scaling, entries=site.entries, make_ctx=make_ctx,
+                                   causal=causal, softcap=softcap, dropout=dropout)
             for entry in site.entries:
                 entry.calls += 1
         else:
-            out, _ = _stock_function(site.module, site.original_impl)(
-                site.module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            out = stock()
         for cap in self._captures:
             if cap.wants(site.layer, site.component):
-                self._capture_rows(cap, site, query, key, attention_mask, scaling, causal, softcap, make_ctx)
-        return out, None
+                self._capture_rows(cap, site, query, key, mask, scaling, causal, softcap, make_ctx, call_index)
+        return out
 
-    def _capture_rows(self, cap, site, query, key, attention_mask, scaling, causal, softcap, make_ctx):
+    def _capture_rows(self, cap, site, query, key, mask, scaling, causal, softcap, make_ctx, call_index):
+        """The selected query rows' probabilities, with this site's edits applied: [B, H, R, K]."""
         q_len, k_len = query.shape[2], key.shape[2]
         rows = cap.rows(q_len).to(query.device)
-        mask = attention_mask
         if mask is None and causal and q_len > 1:
             from attnkit.kernels.masks import causal_allowed
 
-            mask = causal_allowed(q_len, k_len, query.device)[None, None]
-        if mask is not None:
-            mask = mask[:, :, rows] if mask.shape[2] == q_len else mask
+            mask = causal_allowed(q_len, k_len, query.device)[None, None]  # [1, 1, Q, K]
+        if mask is not None and mask.shape[-2] == q_len:
+            mask = mask[..., rows, :]
         probs = eager_probs(query[:, :, rows], key, mask, scaling=scaling, entries=site.entries,
                             make_ctx=lambda e: make_ctx(e, rows), causal=False, softcap=softcap)  # [B,H,R,K]
-        cap.add(site.layer, self.tracker.forward_index, probs, rows)
+        cap.add(site.layer, call_index, probs, rows, kind=getattr(site, "kind", "self"))
 
     # ---- diffusers runtime (called from the processor wrappers) -------------------------------------------------
     def _pre_forward_denoiser(self, module, args, kwargs):
@@ -369,7 +379,6 @@ class Handle:
         encoder = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         self.text_len = encoder.shape[1] if isinstance(encoder, torch.Tensor) else None
         self._calls_at_forward_start = self._intervention_calls()
-
 
     def _run_diffusers_sdpa(self, site, spans_for, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                             scale=None, enable_gqa=False):
@@ -383,23 +392,13 @@ class Handle:
             return self.make_context(site, entry, q_len, k_len, batch, query.device, bool(is_causal), None, rows,
                                      spans=spans, step=self.step, value=value)
 
-        if site.entries:
-            out = site.backend.run(query, key, value, attn_mask, scaling=scaling, entries=site.entries,
-                                   make_ctx=make_ctx, causal=bool(is_causal), dropout=dropout_p)
-            for entry in site.entries:
-                entry.calls += 1
-        else:
-            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
-                                                                   dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                                                                   enable_gqa=enable_gqa)
-        for cap in self._captures:
-            if cap.wants(site.layer, site.component):
-                rows = cap.rows(q_len).to(query.device)
-                mask = attn_mask[..., rows, :] if attn_mask is not None and attn_mask.shape[-2] == q_len else attn_mask
-                probs = eager_probs(query[:, :, rows], key, mask, scaling=scaling, entries=site.entries,
-                                    make_ctx=lambda e: make_ctx(e, rows), causal=False)  # [B,H,R,K]
-                cap.add(site.layer, self.step, probs, rows, kind=site.kind)
-        return out
+        def stock():
+            return torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                enable_gqa=enable_gqa)
+
+        return self._attend(site, query, key, value, attn_mask, scaling=scaling, causal=bool(is_causal), softcap=None,
+                            dropout=dropout_p, make_ctx=make_ctx, stock=stock, call_index=self.step)
 
 
 def attach(model_or_pipeline, recipe: Any = (), backend: str = "auto") -> Handle:
