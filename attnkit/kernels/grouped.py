@@ -180,6 +180,28 @@ def _chunked_group_partials(q, k, v, key_group, G, *, scale, causal, key_padding
     return out_g, lse_g
 
 
+def _row_group_partials(q, k, v, key_group, G, *, scale, causal, key_padding, window, num_sinks):
+    """Few query rows (decode): one score pass, one row max, per-group sums by one-hot products. O(Q·K) memory."""
+    B, H, Hkv, Q, K, D = check_shapes(q, k, v)
+    R = H // Hkv
+    sinks = sink_flags(key_padding, num_sinks, K, q.device)
+    kidx = key_index(K - Q, K, K, causal=causal, window=window, sinks=sinks, device=q.device)
+    qpos = torch.arange(K - Q, K, device=q.device)
+    ok = allowed_mask(qpos, kidx, causal=causal, key_padding=key_padding, sinks=sinks, window=window)  # [B|1,1,Q,Kr]
+    k_r, v_r = k[:, :, kidx], v[:, :, kidx]  # [B,Hkv,Kr,D]
+    s = gqa_scores(q, k_r, scale).masked_fill(~ok.unsqueeze(1), float("-inf"))  # [B,Hkv,R,Q,Kr]
+    top = s.amax(dim=-1, keepdim=True)  # [B,Hkv,R,Q,1]
+    top = torch.where(torch.isinf(top), 0.0, top)
+    e = torch.exp(s - top)  # [B,Hkv,R,Q,Kr], 0 on masked keys
+    onehot = torch.nn.functional.one_hot(key_group[:, kidx], G).float()  # [B,Kr,G]
+    eg = e.unsqueeze(-2) * onehot.transpose(1, 2)[:, None, None, None]  # [B,Hkv,R,Q,G,Kr]: e split by group
+    z = eg.sum(-1)  # [B,Hkv,R,Q,G]
+    num = torch.matmul(eg.reshape(B, Hkv, R * Q * G, -1), v_r.float()).view(B, Hkv, R, Q, G, D)  # [B,Hkv,R,Q,G,D]
+    out_g = torch.where(z.unsqueeze(-1) > 0, num / z.clamp_min(1e-30).unsqueeze(-1), 0.0)
+    lse_g = torch.where(z > 0, torch.log(z.clamp_min(1e-30)) + top, float("-inf"))  # [B,Hkv,R,Q,G]
+    return out_g.reshape(B, H, Q, G, D), lse_g.reshape(B, H, Q, G)
+
+
 # --------------------------------------------------------------------------------------------------------
 # span path: fused SDPA calls per contiguous run of one group, merged by log-sum-exp
 # --------------------------------------------------------------------------------------------------------
@@ -317,7 +339,7 @@ def group_partials(q, k, v, key_group, num_groups: int, *, scale: float | None =
         return _chunked_group_partials(q, k, v, key_group, num_groups, chunk=Q, restrict_keys=False, **kw)
     if backend == "torch":
         if Q <= DECODE_ROWS:  # decode / tiny chunks: one pass over the keys beats a call per span
-            return _chunked_group_partials(q, k, v, key_group, num_groups, chunk=None, restrict_keys=True, **kw)
+            return _row_group_partials(q, k, v, key_group, num_groups, **kw)
         runs = group_runs(key_group, key_padding)
         if _span_eligible(runs, window):
             return _span_group_partials(q, k, v, runs, num_groups, scale=scale, causal=causal)
