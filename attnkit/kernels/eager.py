@@ -17,7 +17,7 @@ import torch
 
 from attnkit.interventions.base import key_group_ids
 from attnkit.kernels.masks import allowed_mask
-from attnkit.kernels.plan import head_vector, select_heads
+from attnkit.kernels.plan import head_vector, restrict_bias, select_heads
 
 CAPABILITIES = frozenset(
     {"query_scale", "score_bias", "edit_scores", "key_stats", "group_factors", "edit_probs", "edit_output", "softcap",
@@ -45,7 +45,7 @@ def score_stage(scores: torch.Tensor, entries, make_ctx) -> torch.Tensor:
         if "score_bias" in caps:
             bias = iv.score_bias(ctx)
             if bias is not None:
-                scores = scores + torch.where(heads.view(1, -1, 1, 1), bias.float(), 0.0)  # -inf bias safe
+                scores = scores + restrict_bias(bias, heads)
         if "edit_scores" in caps:
             scores = select_heads(iv.edit_scores(scores, ctx).float(), scores, heads)
     return scores

@@ -36,6 +36,14 @@ def select_heads(edited: torch.Tensor, original: torch.Tensor, head_mask: torch.
     return torch.where(head_mask.view(shape), edited, original)
 
 
+def restrict_bias(bias: torch.Tensor, head_mask: torch.Tensor) -> torch.Tensor:
+    """A pre-softmax bias broadcastable to ``[B,H,Q,K]`` limited to the target heads (0 elsewhere, also for -inf).
+    When every head is targeted the bias is returned as is, so a ``[B,1,Q,K]`` bias is not expanded per head."""
+    if bool(head_mask.all()):
+        return bias.float()
+    return torch.where(head_mask.view(1, -1, 1, 1), bias.float(), 0.0)
+
+
 def head_vector(values: torch.Tensor | float, head_mask: torch.Tensor, neutral: float) -> torch.Tensor:
     """Per-head values ``[H]`` on target heads, ``neutral`` elsewhere."""
     values = torch.as_tensor(values, dtype=torch.float32, device=head_mask.device).expand(head_mask.shape[0])

@@ -20,7 +20,7 @@ from attnkit.kernels.eager import output_stage, real_queries
 from attnkit.kernels.grouped import combine_groups, group_mass, group_partials
 from attnkit.kernels.stats import key_mass
 from attnkit.kernels.masks import additive_mask, causal_allowed
-from attnkit.kernels.plan import head_vector, select_heads
+from attnkit.kernels.plan import head_vector, restrict_bias, select_heads
 
 CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_output", "group_factors", "key_stats"})
 #: capability pairs this backend cannot combine in one layer (an arbitrary score bias breaks group partials and
@@ -58,7 +58,7 @@ def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, s
             if "score_bias" in caps:
                 b = iv.score_bias(ctx)
                 if b is not None:
-                    b = torch.where(heads.view(1, -1, 1, 1), b.float(), 0.0)  # -inf bias on untargeted heads stays 0
+                    b = restrict_bias(b, heads)
                     bias = b if bias is None else bias + b
     if bias is not None:
         base = additive_mask(mask, q.shape[2], k.shape[2], causal, q.device)

@@ -18,8 +18,8 @@ Joint attention (SD3, Flux) follows diffusers' ``PAGJointAttnProcessor2_0``: in 
 block of the attention matrix is the identity while image queries still see every text key and text queries attend
 normally. In a UNet self-attention layer every key is an image token, so the perturbed output is exactly ``V``.
 The identity is an additive key bias (``-inf`` off the diagonal of the image block), so it runs on the fused torch
-backend; it is a ``[B, 1, Q, K]`` tensor (expanded per head by the core), which is cheap in the default ``"mid"``
-layers but N² at high-resolution layers.
+backend; it is one ``[B, 1, Q, K]`` tensor shared by all heads (the core does not expand it when every head is
+targeted), cheap in the default ``"mid"`` layers but N² at high-resolution layers.
 
 Layer selection (``applied_layers``) uses diffusers' patterns: ``re.search`` on the module name, self/joint
 attention only (never cross-attention), ``"mid"``/``"down"``/``"up"`` select UNet regions. By default
