@@ -4,7 +4,9 @@
 
 Attaching switches only the configs of the targeted attention modules to ``"attnkit"``; modules without a plan fall
 through to the implementation they had before (the exact stock function, with the mask that implementation
-expects). Removing restores each config's previous value. Nothing is written on the model's modules.
+expects) when that was ``eager`` or ``sdpa``; a model loaded with a flash-attention implementation runs its unplanned
+layers on SDPA while attached (flash kernels want a different mask format). Removing restores each config's previous
+value. Nothing is written on the model's modules.
 """
 
 from __future__ import annotations
