@@ -50,7 +50,8 @@ _REGISTERED = False
 
 # ---- stock fallbacks -----------------------------------------------------------------------------------------
 def _stock_function(module: torch.nn.Module, impl: str | None):
-    """The function transformers itself would call for ``impl`` on ``module``."""
+    """The stock attention function for ``module``: the model's own eager function for ``eager``, transformers'
+    SDPA function otherwise (see :func:`attnkit_mask` for the masks each receives)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if impl in (None, "eager"):
@@ -58,9 +59,8 @@ def _stock_function(module: torch.nn.Module, impl: str | None):
         fn = getattr(modeling, "eager_attention_forward", None)
         if fn is not None:
             return fn
-        impl = "sdpa"
-    if impl in ALL_ATTENTION_FUNCTIONS:
-        return ALL_ATTENTION_FUNCTIONS[impl]
+    # our mask function hands out sdpa-format masks for every other implementation (see attnkit_mask), so only
+    # sdpa itself can take them; flash / flex implementations run on SDPA while attached
     return ALL_ATTENTION_FUNCTIONS["sdpa"]
 
 
