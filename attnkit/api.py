@@ -270,24 +270,25 @@ class Handle:
             ids, (batch, new_len) = None, embeds.shape[:2]
         else:
             return
-        from attnkit.hooks.transformers import past_length_of
+        from attnkit.hooks.compat import past_length
 
-        tracked = self.tracker.length if self.tracker.batch == batch else 0
-        self.tracker.observe(ids, kwargs.get("attention_mask"), past_length_of(kwargs, new_len, tracked), batch, new_len)
+        tracked = self.tracker.length if self.tracker.batch == batch else None
+        self.tracker.observe(ids, kwargs.get("attention_mask"), past_length(kwargs, new_len, tracked), batch, new_len)
 
     def _pre_forward_outer(self, module, args, kwargs):
-        self._outer_depth += 1
-        if self._outer_depth == 1:
-            self._observe(args, kwargs)
+        if self._outer_depth == 0:
+            self._observe(args, kwargs)  # may raise: the depth is only counted for calls that start
             self._calls_at_forward_start = self._intervention_calls()
+        self._outer_depth += 1
 
     def _pre_forward_inner(self, module, args, kwargs):
         if self._outer_depth == 0:  # the decoder was called directly, not through the outer model
             self._observe(args, kwargs)
 
     def _post_forward_outer(self, module, args, kwargs, output):
-        self._outer_depth -= 1
-        if self._outer_depth == 0 and self.enabled:
+        """Runs also when the forward raised (``always_call``), so a failed call never leaves the depth counted."""
+        self._outer_depth = max(self._outer_depth - 1, 0)
+        if self._outer_depth == 0 and self.enabled and output is not None:
             self._warn_idle()
 
     def _warn_idle(self) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from attnkit.hooks.compat import model_from_config
+
 #: text families that are tested, and the config overrides that make them tiny
 TEXT_FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -53,7 +55,7 @@ def tiny_causal_lm(family: str = "llama", seed: int = 0, attn_implementation: st
     config = tiny_text_config(family, **overrides)
     torch.manual_seed(seed)
     impl = "eager" if family == "gemma2" else attn_implementation
-    model = getattr(transformers, TEXT_FAMILIES[family][1])._from_config(config, attn_implementation=impl)
+    model = model_from_config(getattr(transformers, TEXT_FAMILIES[family][1]), config, attn_implementation=impl)
     return model.eval()
 
 
@@ -95,7 +97,7 @@ def tiny_vlm(family: str = "llava", seed: int = 0, attn_implementation: str = "s
         "idefics3": transformers.Idefics3ForConditionalGeneration,
     }[family]
     torch.manual_seed(seed)
-    return cls._from_config(config, attn_implementation=attn_implementation).eval()
+    return model_from_config(cls, config, attn_implementation=attn_implementation).eval()
 
 
 def vlm_inputs(family: str, model, batch: int = 2, text_len: int = 6, seed: int = 0, left_pad: int = 0) -> dict:

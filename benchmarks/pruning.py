@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from attnkit.hooks.compat import model_from_config
+
 
 def llava_576(hidden: int, layers: int, heads: int):
     import transformers
@@ -27,7 +29,7 @@ def llava_576(hidden: int, layers: int, heads: int):
     config = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_id=1000,
                                       vision_feature_layer=-1)
     torch.manual_seed(0)
-    return transformers.LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    return model_from_config(transformers.LlavaForConditionalGeneration, config, attn_implementation="sdpa").eval()
 
 
 def inputs_576(model, batch: int, sys_len: int = 36, question: int = 24):

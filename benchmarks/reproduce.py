@@ -43,6 +43,7 @@ from attnkit.eval.metrics import perplexity as ppl
 from attnkit.eval.metrics import truthfulqa as tqa
 from attnkit.eval.metrics.cost import kv_cache_bytes, measure_cost
 from attnkit.eval.metrics.rouge import rouge1_recall
+from attnkit.hooks.compat import cache_kwargs, output_cache
 from attnkit.interventions.calibration.act_select import select_act_heads
 from attnkit.interventions.pruning.kv_retention import KVRetention
 from attnkit.interventions.scoring.retrieval import retrieval_scores
@@ -359,13 +360,13 @@ def niah_prompt(tok, hay: list, length: int, depth: int, buffer: int) -> tuple[t
 
 def greedy_from(model, out, max_new: int, stops: list) -> list:
     """Greedy tokens continuing a prefill output ``out`` (its logits and cache)."""
-    cache, logits, tokens = out.past_key_values, out.logits, []
+    cache, logits, tokens = output_cache(out), out.logits, []
     for _ in range(max_new):
         token = int(logits[0, -1].argmax())
         tokens.append(token)
         if token in stops:
             break
-        logits = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=torch.tensor([[token]]), **cache_kwargs(model, cache)).logits
     return tokens
 
 
@@ -428,7 +429,7 @@ def run_retrieval(model, tok, cfg: Config, state: dict) -> Section:
                 out = model(input_ids=ids, use_cache=True)
             for name, heads in arms.items():
                 branch = copy.copy(out)
-                branch.past_key_values = copy.deepcopy(out.past_key_values)
+                branch.past_key_values = copy.deepcopy(output_cache(out))
                 masked = attnkit.attach(model, [HeadMask(decode_only=False, heads=heads)]) if heads \
                     else contextlib.nullcontext()
                 with timed(times, f"eval decode: {'no mask' if heads is None else 'masked'}"), masked, \

@@ -11,12 +11,13 @@ value. Nothing is written on the model's modules.
 
 from __future__ import annotations
 
-import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from attnkit.hooks import compat
 
 IMPL_NAME = "attnkit"
 
@@ -55,8 +56,7 @@ def _stock_function(module: torch.nn.Module, impl: str | None):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if impl in (None, "eager"):
-        modeling = sys.modules.get(type(module).__module__)
-        fn = getattr(modeling, "eager_attention_forward", None)
+        fn = compat.model_eager_function(module)
         if fn is not None:
             return fn
     # our mask function hands out sdpa-format masks for every other implementation (see attnkit_mask), so only
@@ -149,7 +149,7 @@ def find_sites(model) -> list[AttentionSite]:
 def check_supported(model, sites: list[AttentionSite]) -> None:
     """Raise a clear error for models whose attention does not go through the AttentionInterface."""
     model_type = getattr(model.config, "model_type", type(model).__name__)
-    supports = getattr(model, "_supports_attention_backend", False)
+    supports = compat.supports_attention_interface(model)
     text_sites = [s for s in sites if s.component == "text"]
     if not supports or not text_sites:
         raise NotImplementedError(
@@ -202,20 +202,20 @@ class TransformersAdapter:
             configs[id(site.module.config)] = site.module.config
         for site in self.sites:  # every site of a switched config must know its stock implementation
             if id(site.module.config) in configs:
-                site.original_impl = site.module.config._attn_implementation
+                site.original_impl = compat.attn_implementation(site.module.config)
                 site.handle = handle
                 _SITES[site.module] = site
         for config in configs.values():
-            previous = config._attn_implementation
+            previous = compat.attn_implementation(config)
             self._configs.append((config, previous))
             _ORIGINAL_IMPL_BY_CONFIG[id(config)] = (weakref.ref(config), previous)
-            config._attn_implementation_internal = IMPL_NAME
+            compat.set_attn_implementation(config, IMPL_NAME)
         self._add_tracking_hooks(handle)
 
     def _add_tracking_hooks(self, handle) -> None:
         outer = self.model
         self._hooks.append(outer.register_forward_pre_hook(handle._pre_forward_outer, with_kwargs=True))
-        self._hooks.append(outer.register_forward_hook(handle._post_forward_outer, with_kwargs=True))
+        self._hooks.append(outer.register_forward_hook(handle._post_forward_outer, with_kwargs=True, always_call=True))
         inner = text_model_of(outer)
         if inner is not None and inner is not outer:
             self._hooks.append(inner.register_forward_pre_hook(handle._pre_forward_inner, with_kwargs=True))
@@ -225,26 +225,10 @@ class TransformersAdapter:
             hook.remove()
         self._hooks.clear()
         for config, previous in reversed(self._configs):
-            config._attn_implementation_internal = previous
+            compat.set_attn_implementation(config, previous)
             _ORIGINAL_IMPL_BY_CONFIG.pop(id(config), None)
         self._configs.clear()
         for site in self.sites:
             if _SITES.get(site.module) is site:
                 del _SITES[site.module]
             site.handle = None
-
-
-def past_length_of(kwargs: dict, new_len: int, tracked: int = 0) -> int:
-    """How many tokens of the sequence came before this call: from the 2D mask when given, else — for a
-    non-empty cache — the length attnkit tracked (a pruned or windowed cache holds fewer slots than tokens seen)."""
-    mask = kwargs.get("attention_mask")
-    cache = kwargs.get("past_key_values")
-    if cache is None:
-        return 0
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        return max(mask.shape[1] - new_len, 0)
-    try:
-        cached = int(cache.get_seq_length())
-    except Exception:  # noqa: BLE001 - exotic caches: treat as fresh sequence
-        return 0
-    return tracked if cached > 0 and tracked >= cached else cached

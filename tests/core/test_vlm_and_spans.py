@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import attnkit
+from attnkit.hooks.compat import cache_kwargs, output_cache
 from attnkit.interventions.noop import Noop
 from attnkit.testing import VISION_FAMILIES, tiny_vlm, vlm_inputs
 
@@ -117,7 +118,7 @@ def test_attaching_after_the_prefill_treats_the_next_call_as_decode():
         out = model(ids, use_cache=True)  # prefill without attnkit
         probe = RecordSpans(layers=[0])
         with attnkit.attach(model, [probe]):
-            model(ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+            model(ids[:, :1], **cache_kwargs(model, output_cache(out)))
     (seen,) = probe.seen
     assert not seen["prefill"] and seen["k_len"] == 7
     assert seen["response"][:, -1].all() and not seen["response"][:, :-1].any()

@@ -6,6 +6,7 @@ from transformers import DynamicCache
 
 from eval_fixtures import make_tiny_llama
 from attnkit.eval.metrics import perplexity as ppl
+from attnkit.hooks.compat import cache_kwargs
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_streaming_matches_one_layer_recompute(one_layer, ids, sink, window, shi
 def test_policy_bounds_cache_and_returns_slot_position(tiny_llama):
     cache = DynamicCache()
     with torch.no_grad():
-        tiny_llama(torch.arange(10)[None], past_key_values=cache, use_cache=True)
+        tiny_llama(torch.arange(10)[None], **cache_kwargs(tiny_llama, cache))
     pol = ppl.SinkWindowPolicy(sink=2, window=3)
     assert pol(tiny_llama, cache, 10) == 5
     assert all(layer.keys.shape[-2] == 5 and layer.values.shape[-2] == 5 for layer in cache.layers)

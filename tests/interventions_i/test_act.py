@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attnkit
+from attnkit.hooks.compat import cache_kwargs, output_cache
 from attnkit.interventions.sinks.act import ACT, act_calibrate_row, act_factors
 from attnkit.interventions.sinks.detect import act_column_scores, act_sinks
 from attnkit.kernels import torch_path
@@ -96,7 +97,7 @@ def test_generate_reuses_prefill_sinks():
         assert out.shape == (1, 15) and prefill_sinks.any()
         with h.capture(layers=[0], queries="last") as cap:  # one decode step with the cache
             first = model(ids, use_cache=True)
-            model(out[:, 10:11], past_key_values=first.past_key_values)
+            model(out[:, 10:11], **cache_kwargs(model, output_cache(first)))
         cached_row = cap.last(0)[:, :, -1]
     with attnkit.attach(model, [], backend="eager") as h, h.capture(layers=[0], queries="last") as cap, torch.no_grad():
         model(out[:, :11])

@@ -5,6 +5,7 @@ import torch
 
 import attnkit
 from attnkit import cli
+from attnkit.hooks.compat import model_from_config
 from attnkit.recipes import load_recipe
 from attnkit.testing import tiny_causal_lm, tiny_vlm, vlm_inputs
 
@@ -70,7 +71,7 @@ def _wide_llava():
     config = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_id=120,
                                       vision_feature_layer=-1)
     torch.manual_seed(0)
-    return transformers.LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    return model_from_config(transformers.LlavaForConditionalGeneration, config, attn_implementation="sdpa").eval()
 
 
 def test_var_llava_preset_runs_on_a_model_of_the_right_width():

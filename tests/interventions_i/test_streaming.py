@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import attnkit
+from attnkit.hooks.compat import cache_kwargs, output_cache
 from attnkit.interventions.sinks.streaming import StreamingLLM, keep_slots
 from attnkit.testing import tiny_causal_lm
 
@@ -22,8 +23,8 @@ def test_positions_are_cache_slots_exact_on_one_layer(family):
     iv = StreamingLLM(num_sinks=2, window=3)
     with attnkit.attach(model, [iv]), torch.no_grad():
         out = model(toks[:, :10], use_cache=True)
-        assert out.past_key_values.get_seq_length() == 5
-        step = model(toks[:, 10:], past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
+        assert output_cache(out).get_seq_length() == 5
+        step = model(toks[:, 10:], **cache_kwargs(model, output_cache(out))).logits[0, -1]
         assert iv._pos.tolist() == [[0, 1, 2, 3, 4]]
     with torch.no_grad():
         fresh = model(toks[:, [0, 1, 7, 8, 9, 10]]).logits[0, -1]

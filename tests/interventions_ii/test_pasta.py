@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attnkit
+from attnkit.hooks.compat import cache_kwargs, output_cache
 from attnkit.interventions.base import AttentionContext
 from attnkit.interventions.steering.pasta import Pasta
 from attnkit.kernels.eager import eager_attention
@@ -104,7 +105,7 @@ def test_decode_steps_keep_steering_prompt_keys_only():
                 h.set_span("emphasis", [[(2, 4)]])
                 out = model(input_ids=ids, use_cache=True)
                 with h.capture(layers=[0]) as cap:  # layer 0's q/k do not depend on the steering
-                    model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+                    model(input_ids=nxt, **cache_kwargs(model, output_cache(out)))
                 rows[name] = cap.last(0)[0, :, 0]  # [H, K=7]
     w = torch.tensor([alpha, alpha, 1, 1, alpha, alpha, 1.0])  # prompt outside span × alpha; generated key × 1
     want = rows["stock"] * w

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import attnkit
+from attnkit.hooks.compat import cache_kwargs, output_cache
 from attnkit.interventions.steering.head_mask import HeadMask
 from attnkit.testing import tiny_causal_lm
 
@@ -17,7 +18,7 @@ def _rows(model, recipe, backend="torch"):
             out = model(PROMPT, use_cache=True)
         prefill = cap.last(1)[0]
         with h.capture(layers=[1]) as cap:
-            step = model(torch.tensor([[13]]), past_key_values=out.past_key_values, use_cache=True)
+            step = model(torch.tensor([[13]]), **cache_kwargs(model, output_cache(out)))
         return prefill, cap.last(1)[0, :, 0], out.logits, step.logits
 
 

@@ -53,6 +53,8 @@ def measure_cost(model, input_ids: torch.Tensor, new_tokens: int = 32, attention
     """Greedy prefill + ``new_tokens - 1`` decode steps with an explicit loop (EOS ignored, so counts are exact)."""
     from transformers import DynamicCache
 
+    from attnkit.hooks.compat import cache_kwargs, output_cache
+
     if new_tokens < 1:
         raise ValueError(f"measure_cost: new_tokens must be >= 1, got {new_tokens}.")
     device = next(model.parameters()).device
@@ -62,13 +64,13 @@ def measure_cost(model, input_ids: torch.Tensor, new_tokens: int = 32, attention
     cache = DynamicCache()
     _sync(device)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, **cache_kwargs(model, cache))
     _sync(device)
     prefill = time.perf_counter() - t0
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
     t1 = time.perf_counter()
     for _ in range(new_tokens - 1):
-        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=nxt, **cache_kwargs(model, output_cache(out)))
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     decode = time.perf_counter() - t1
@@ -83,7 +85,7 @@ def measure_cost(model, input_ids: torch.Tensor, new_tokens: int = 32, attention
         "tokens_per_s": batch * steps / decode if steps and decode > 0 else 0.0,
         "peak_memory_bytes": peak,
         "peak_memory_source": source,
-        "kv_cache_bytes": kv_cache_bytes(out.past_key_values),
+        "kv_cache_bytes": kv_cache_bytes(output_cache(out)),
     }
 
 

@@ -160,6 +160,8 @@ def streaming_nll(model, input_ids: torch.Tensor, policy=None, cache_factory=Non
     """
     from transformers import DynamicCache
 
+    from attnkit.hooks.compat import cache_kwargs, output_cache
+
     policy = policy or DensePolicy()
     if hasattr(policy, "reset"):
         policy.reset()
@@ -168,9 +170,9 @@ def streaming_nll(model, input_ids: torch.Tensor, policy=None, cache_factory=Non
     cache = cache_factory() if cache_factory else DynamicCache()
     position, steps = 0, []
     for t in range(len(ids) - 1):
-        out = model(input_ids=ids[t:t + 1][None].to(device), past_key_values=cache, use_cache=True,
+        out = model(input_ids=ids[t:t + 1][None].to(device), **cache_kwargs(model, cache),
                     position_ids=torch.tensor([[position]], device=device))
-        cache = out.past_key_values
+        cache = output_cache(out)
         steps.append(_token_nll(out.logits[0, -1:], ids[t + 1:t + 2].to(device)).item())
         position = policy(model, cache, t + 1)
     total = float(sum(steps))

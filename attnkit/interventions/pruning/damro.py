@@ -58,6 +58,7 @@ import math
 
 import torch
 
+from attnkit.hooks.compat import cache_from_kwargs, cache_kwargs, cache_length, output_cache
 from attnkit.interventions.base import Intervention, register_intervention
 from attnkit.interventions.pruning._vision_cls import ClsAttention
 
@@ -215,11 +216,8 @@ class Damro(Intervention):
         if self._busy:
             return
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        cache = kwargs.get("past_key_values")
-        try:
-            past = int(cache.get_seq_length()) if cache is not None else 0
-        except Exception:  # noqa: BLE001 - unknown cache objects: treat as a fresh sequence
-            past = 0
+        cache = cache_from_kwargs(kwargs)
+        past = cache_length(cache) or 0  # unknown cache objects: treated as a fresh sequence
         self._call = {"ids": ids, "mask": kwargs.get("attention_mask"), "prefill": past == 0, "cache": cache,
                       "use_cache": kwargs.get("use_cache", True) is not False, "embeds": None}
 
@@ -331,9 +329,9 @@ class Damro(Intervention):
         try:
             with handle.disabled():
                 out = self._text(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=use_cache)
+                                 **cache_kwargs(self._text, cache, use_cache))
                 logits = self._head(out.last_hidden_state[:, -last:])  # [B, last, V]
         finally:
             handle._outer_depth -= 1
             self._busy = False
-        return logits, out.past_key_values if use_cache else None
+        return logits, output_cache(out) if use_cache else None

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from attnkit.hooks.compat import cache_kwargs, output_cache
 from attnkit.interventions.scoring._common import model_name
 from attnkit.scores import HeadScores
 
@@ -52,7 +53,7 @@ def retrieval_trial(model, input_ids: torch.Tensor, needle_span: tuple[int, int]
             generated.append(token)
             if token in stop_ids:
                 break
-            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(torch.tensor([[token]]), **cache_kwargs(model, output_cache(out)))
     return total / (end - start), torch.tensor(generated)
 
 

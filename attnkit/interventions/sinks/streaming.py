@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from attnkit.hooks.compat import cache_from_kwargs, cache_length, output_cache
 from attnkit.interventions.base import Intervention, register_intervention
 
 
@@ -112,8 +113,7 @@ class StreamingLLM(Intervention):
         if ref is None:
             return None
         batch, new = ref.shape[0], ref.shape[1]
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
+        past = cache_length(cache_from_kwargs(kwargs)) or 0
         mask = kwargs.get("attention_mask")
         real_new = mask[:, -new:].bool().cpu() if isinstance(mask, torch.Tensor) and mask.dim() == 2 \
             else torch.ones(batch, new, dtype=torch.bool)
@@ -137,7 +137,7 @@ class StreamingLLM(Intervention):
 
     # ---- after each call: evict and re-rotate ----------------------------------------------------------------------
     def _post(self, module, args, kwargs, output):
-        cache = getattr(output, "past_key_values", None)
+        cache = output_cache(output)
         if not self._handle.enabled or cache is None or self._pos is None:
             return None
         length = cache.get_seq_length()

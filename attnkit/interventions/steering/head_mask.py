@@ -10,12 +10,13 @@ without materialising attention. Target the blocked heads with ``layers``/``head
 
 Example (a decode step of a masked head attends uniformly to the 3 cached keys + itself):
     >>> import torch, attnkit
+    >>> from attnkit.hooks.compat import cache_kwargs, output_cache
     >>> from attnkit.testing import tiny_causal_lm
     >>> model = tiny_causal_lm("llama")
     >>> with attnkit.attach(model, [HeadMask(heads={1: [2]})]) as h, torch.no_grad():
     ...     out = model(torch.tensor([[1, 5, 7]]), use_cache=True)
     ...     with h.capture(layers=[1], heads=[2]) as cap:
-    ...         _ = model(torch.tensor([[9]]), past_key_values=out.past_key_values, use_cache=True)
+    ...         _ = model(torch.tensor([[9]]), **cache_kwargs(model, output_cache(out)))
     >>> cap.last(1)[0, 0, 0].tolist()
     [0.25, 0.25, 0.25, 0.25]
 """
