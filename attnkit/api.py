@@ -1,5 +1,13 @@
 """``attnkit.attach``: wrap a loaded transformers model or diffusers pipeline with a recipe in one call.
 
+The :class:`Handle` it returns is small: lifecycle (``remove()``, context manager, ``disabled()``), ``report()``,
+``capture()`` and spans. The framework adapter (:mod:`attnkit.hooks.transformers`, :mod:`attnkit.hooks.diffusers`)
+owns the runtime: where attention is reached, sequence tracking, running each attention call.
+
+An intervention instance serves one live attachment at a time (a second attach of the same instance is refused
+with one sentence; attach another instance instead). Nothing is changed on the model when anything about the
+recipe is invalid.
+
 Example:
     >>> import attnkit, torch
     >>> from attnkit.testing import tiny_causal_lm
@@ -16,20 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections import defaultdict
 from typing import Any, Iterable
 
-import torch
-
 from attnkit.capture import Capture
-from attnkit.interventions.base import AttentionContext, Intervention
-from attnkit.kernels.backends import choose_backend
-from attnkit.kernels.eager import eager_probs
-from attnkit.kernels.plan import PlanEntry
-from attnkit.spans import SequenceTracker
-from attnkit.targets import TargetError
-
-_ATTACHED: "dict[int, Handle]" = {}
+from attnkit.interventions.base import Intervention, mark_running, release_running
+from attnkit.planning import PlanError, plan
 
 
 class AttachError(ValueError):
@@ -66,114 +65,68 @@ def _adapter_for(obj):
 
 
 class Handle:
-    """What :func:`attach` returns: ``remove()``, context manager, ``disabled()``, ``report()``, ``capture()``."""
+    """What :func:`attach` returns: ``remove()``, context manager, ``disabled()``, ``report()``, ``capture()``.
 
-    def __init__(self, obj, interventions: list[Intervention], backend: str, name: str):
-        self.target_object = obj
+    Interventions reach the attachment through: :attr:`model`, :attr:`description`, :attr:`tracker`,
+    :attr:`active`, :meth:`sites`, :meth:`capture` and :meth:`detached`."""
+
+    def __init__(self, adapter, interventions: list[Intervention], backend: str, name: str):
+        self.adapter = adapter
         self.interventions = interventions
         self.requested_backend = backend
         self.name = name
         self.enabled = True
         self.removed = False
-        self._captures: list[Capture] = []
-        self._warned: set[str] = set()
-        self._calls_at_forward_start: dict[int, int] = {}
-        self._outer_depth = 0
-        self.step = 0  # diffusers: denoiser calls so far
-        self.text_len: int | None = None  # diffusers: encoder_hidden_states length of the current call
-        self.adapter = _adapter_for(obj)
-        info = self.adapter.model_info()
-        self.model_info = info
-        self.tracker = SequenceTracker(image_token_id=info.get("image_token_id"))
-        self.entries_by_intervention: dict[int, list[PlanEntry]] = defaultdict(list)
-        self._planned = self._plan(info)
-
-    # ---- planning ---------------------------------------------------------------------------------------
-    def _plan(self, info: dict):
-        """Resolve every intervention's targets to plan entries per attention site, then pick each site's backend."""
-        names = [iv.name for iv in self.interventions]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise AttachError(f"intervention {dupes[0]!r} appears twice in this recipe; give one entry per method")
-        by_site: dict[int, tuple[Any, list[PlanEntry]]] = {}
-        site_index = {(s.component, s.layer): s for s in self.adapter.sites}
-        for iv in self.interventions:
-            for site, entry in self._entries_for(iv, info, site_index):
-                site_entries = by_site.setdefault(id(site), (site, []))[1]
-                self._check_conflicts(site, site_entries, entry)
-                site_entries.append(entry)
-                self.entries_by_intervention[id(iv)].append(entry)
-        for site, entries in by_site.values():
-            site.entries = entries
-            site.backend = self._backend_for(site, entries)
-        return [site for site, _ in by_site.values()]
-
-    def _entries_for(self, iv: Intervention, info: dict, site_index: dict) -> list[tuple[Any, PlanEntry]]:
-        """``(site, entry)`` for each attention module ``iv`` targets; raises AttachError when none matches."""
-        component = iv.component or info["default_component"]
-        comp = info.get(component)
-        if comp is None:
-            raise AttachError(f"{iv.name}: this model has no {component!r} attention layers to target")
-        try:
-            iv.setup(info)
-            layer_heads = iv.target.resolve(comp["num_layers"], comp["num_heads"])
-        except (TargetError, ValueError) as err:
-            raise AttachError(f"{iv.name}: {err}") from None
-        if not iv.capabilities():
-            return []  # works only through install() (e.g. a KV-cache policy): nothing to plan in attention
-        found = []
-        for layer, heads in layer_heads.items():
-            site = site_index.get((component, layer))
-            if site is None or not iv.target.matches_module(site.qualname):
-                continue
-            head_mask = torch.zeros(site.num_heads, dtype=torch.bool)  # [H]
-            head_mask[heads] = True
-            found.append((site, PlanEntry(iv, head_mask)))
-        if not found:
-            raise AttachError(
-                f"{iv.name}: target layers={iv.target.layers!r} modules={iv.target.modules!r} matched no attention "
-                f"module (valid layers 0..{comp['num_layers'] - 1}; module names look like "
-                f"{next(iter(site_index.values())).qualname!r})"
-            )
-        return found
-
-    def _backend_for(self, site, entries: list[PlanEntry]):
-        """The backend that runs every hook of ``entries`` on this site's device (see kernels.backends)."""
-        needs: dict[str, list[str]] = defaultdict(list)
-        for e in entries:
-            for cap in e.intervention.capabilities():
-                needs[cap].append(e.intervention.name)
-        if getattr(getattr(site.module, "config", None), "attn_logit_softcapping", None) is not None:
-            needs["softcap"].append(f"{self.model_info.get('model_type')} (attention logit softcapping)")
-        device = next(site.module.parameters(), torch.empty(0)).device
-        try:
-            return choose_backend(self.requested_backend, dict(needs), device)
-        except (ValueError, KeyError) as err:
-            raise AttachError(f"layer {site.layer}: {err}") from None
-
-    @staticmethod
-    def _check_conflicts(site, existing: list[PlanEntry], new: PlanEntry) -> None:
-        if "group_factors" not in new.intervention.capabilities():
-            return
-        for e in existing:
-            if "group_factors" in e.intervention.capabilities() and bool((e.head_mask & new.head_mask).any()):
-                raise AttachError(
-                    f"{e.intervention.name} and {new.intervention.name} both reweight attention groups on layer "
-                    f"{site.layer} heads {torch.nonzero(e.head_mask & new.head_mask).flatten().tolist()}; they conflict. "
-                    "Target disjoint heads or layers."
-                )
-
-    def _install(self) -> None:
-        key = id(self.target_object)
-        if key in _ATTACHED and not _ATTACHED[key].removed:
-            raise AttachError(
-                f"{type(self.target_object).__name__} already has an attnkit handle ({_ATTACHED[key].name!r}); "
-                "call remove() on it first or attach one recipe holding all interventions"
-            )
-        planned = self._planned
-        if not planned:  # capture-only handle: route every text layer so captures can see them
-            planned = [s for s in self.adapter.sites if s.component == "text"] or list(self.adapter.sites)
+        self._planned: list = []
         self._extra_hooks: list = []
+        self._warned: set[str] = set()
+
+    # ---- what interventions use -----------------------------------------------------------------------------
+    @property
+    def model(self):
+        """The attached model or pipeline."""
+        return self.adapter.model
+
+    target_object = model  # older name
+
+    @property
+    def description(self):
+        """The :class:`~attnkit.description.ModelDescription` of the attached model."""
+        return self.adapter.description
+
+    @property
+    def tracker(self):
+        """The :class:`~attnkit.spans.SequenceTracker` (transformers) or None (diffusers)."""
+        return self.adapter.tracker
+
+    @property
+    def active(self) -> bool:
+        """True while attached and not inside :meth:`disabled`."""
+        return self.enabled and not self.removed
+
+    def sites(self, component: str | None = None) -> list:
+        """The attention sites of ``component`` (default: every component), in layer order."""
+        return [s for s in self.adapter.sites if component is None or s.component == component]
+
+    def detached(self):
+        """Context manager: calls inside run the stock model and are not tracked (a method's own extra pass)."""
+        return self.adapter.detached()
+
+    def intervention(self, name: str) -> Intervention:
+        """This handle's intervention named ``name``."""
+        for iv in self.interventions:
+            if iv.name == name:
+                return iv
+        raise KeyError(f"this handle has no intervention {name!r}; it has {[iv.name for iv in self.interventions]}")
+
+    def plan_entries(self, intervention: Intervention) -> list:
+        """The :class:`~attnkit.kernels.plan.PlanEntry` of ``intervention`` on each planned module, in layer order
+        (its target heads, call count and per-sequence state on that layer)."""
+        return [e for site in self._planned for e in site.entries if e.intervention is intervention]
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    def _install(self, planned: list) -> None:
+        self._planned = planned
         try:
             self.adapter.install(self, planned)
             for iv in self.interventions:
@@ -182,27 +135,26 @@ class Handle:
             self._remove_extra_hooks()
             self.adapter.uninstall()
             raise
-        _ATTACHED[key] = self
 
     def _remove_extra_hooks(self) -> None:
-        for hook in reversed(getattr(self, "_extra_hooks", [])):
+        for hook in reversed(self._extra_hooks):
             hook.remove()
         self._extra_hooks = []
 
-    # ---- public API ----------------------------------------------------------------------------------------
     def remove(self) -> None:
         """Restore the model exactly; safe to call twice."""
         if self.removed:
             return
         self._remove_extra_hooks()
         self.adapter.uninstall()
-        for cap in list(self._captures):
+        for cap in list(self.adapter.captures):
             cap.stop()
         self.removed = True
-        if _ATTACHED.get(id(self.target_object)) is self:
-            del _ATTACHED[id(self.target_object)]
+        release_running(self.interventions, self)
 
     def __enter__(self) -> "Handle":
+        if self.removed:
+            raise AttachError(f"handle {self.name!r} was removed; call attnkit.attach(...) again to reattach")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -217,25 +169,53 @@ class Handle:
         finally:
             self.enabled = previous
 
+    # ---- captures and spans ---------------------------------------------------------------------------------
     def capture(self, layers=None, heads=None, queries="last", component: str | None = None) -> Capture:
         """Start capturing attention probabilities of the selected rows (after this handle's edits).
 
         ``queries``: "last" (default), "all" (full maps, N² memory), a slice, an int or a list of row indices."""
+        if self.removed:
+            raise AttachError(f"handle {self.name!r} was removed; nothing can be captured through it")
         if layers is not None:
             layers = [layers] if isinstance(layers, int) else list(layers)
         if heads is not None:
             heads = [heads] if isinstance(heads, int) else list(heads)
-        cap = Capture(layers, heads, queries, component or self.model_info["default_component"], _handle=self)
-        self._captures.append(cap)
+        cap = Capture(layers, heads, queries, component or self.description.default_component, _owner=self.adapter)
+        self.adapter.captures.append(cap)
         return cap
 
     def set_span(self, name: str, spans) -> None:
         """Mark a token span (bool ``[B, N]`` or per-sample ``[(start, end)]`` over the padded ``input_ids``)
         that interventions can read as ``ctx.key_mask(name)`` from the next prefill on."""
+        if self.tracker is None:
+            raise AttachError("spans over token ids exist for transformers models only; diffusers calls label "
+                              "their keys as 'text' and 'image' themselves")
         self.tracker.set_span(name, spans)
 
     def clear_spans(self) -> None:
-        self.tracker.clear_spans()
+        if self.tracker is not None:
+            self.tracker.clear_spans()
+
+    # ---- reporting ------------------------------------------------------------------------------------------
+    def _intervention_calls(self) -> dict[int, int]:
+        calls: dict[int, int] = {}
+        for site in self._planned:
+            for entry in site.entries:
+                calls[id(entry.intervention)] = calls.get(id(entry.intervention), 0) + entry.calls
+        return calls
+
+    def _warn_idle(self, calls_at_start: dict[int, int]) -> None:
+        """Warn once per intervention that had attention hooks planned but did not run during a forward."""
+        if not self.active:
+            return
+        now = self._intervention_calls()
+        for iv in self.interventions:
+            if id(iv) in now and now[id(iv)] == calls_at_start.get(id(iv), 0) and iv.name not in self._warned:
+                self._warned.add(iv.name)
+                warnings.warn(
+                    f"attnkit: intervention {iv.name!r} did not run during this forward pass (targets: "
+                    f"layers={iv.target.layers!r}); check that the model uses the attention implementation "
+                    f"attnkit patched and that the targeted layers run.", RuntimeWarning, stacklevel=3)
 
     def report(self) -> dict:
         """Which modules were patched, with which backend, and how often each intervention ran."""
@@ -244,162 +224,14 @@ class Handle:
              "interventions": [e.intervention.name for e in s.entries]}
             for s in self._planned
         ]
-        calls = {iv.name: sum(e.calls for e in self.entries_by_intervention[id(iv)]) for iv in self.interventions}
-        return {"recipe": self.name, "adapter": self.adapter.kind, "enabled": self.enabled, "removed": self.removed,
-                "modules": modules, "calls": calls}
+        counts = self._intervention_calls()
+        calls = {iv.name: counts.get(id(iv), 0) for iv in self.interventions}
+        return {"recipe": self.name, "adapter": self.adapter.framework, "enabled": self.enabled,
+                "removed": self.removed, "modules": modules, "calls": calls}
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else ("disabled" if not self.enabled else "active")
-        return f"<attnkit.Handle {self.name!r} on {type(self.target_object).__name__}: {len(self._planned)} modules, {state}>"
-
-    # ---- runtime (called from the hooks) ------------------------------------------------------------------------
-    def active_for(self, site) -> bool:
-        return self.enabled and not self.removed and (bool(site.entries) or any(
-            c.wants(site.layer, site.component) for c in self._captures))
-
-    def _intervention_calls(self) -> dict[int, int]:
-        return {id(iv): sum(e.calls for e in self.entries_by_intervention[id(iv)]) for iv in self.interventions
-                if iv.capabilities()}
-
-    def _observe(self, args, kwargs) -> None:
-        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        embeds = kwargs.get("inputs_embeds")
-        if ids is not None and ids.dim() == 2:
-            batch, new_len = ids.shape
-        elif isinstance(embeds, torch.Tensor):
-            ids, (batch, new_len) = None, embeds.shape[:2]
-        else:
-            return
-        from attnkit.hooks.compat import past_length
-
-        tracked = self.tracker.length if self.tracker.batch == batch else None
-        self.tracker.observe(ids, kwargs.get("attention_mask"), past_length(kwargs, new_len, tracked), batch, new_len)
-
-    def _pre_forward_outer(self, module, args, kwargs):
-        if self._outer_depth == 0:
-            self._observe(args, kwargs)  # may raise: the depth is only counted for calls that start
-            self._calls_at_forward_start = self._intervention_calls()
-        self._outer_depth += 1
-
-    def _pre_forward_inner(self, module, args, kwargs):
-        if self._outer_depth == 0:  # the decoder was called directly, not through the outer model
-            self._observe(args, kwargs)
-
-    def _post_forward_outer(self, module, args, kwargs, output):
-        """Runs also when the forward raised (``always_call``), so a failed call never leaves the depth counted."""
-        self._outer_depth = max(self._outer_depth - 1, 0)
-        if self._outer_depth == 0 and self.enabled and output is not None:
-            self._warn_idle()
-
-    def _warn_idle(self) -> None:
-        now = self._intervention_calls()
-        for iv in self.interventions:
-            if id(iv) not in now:
-                continue  # no attention hook: nothing that could silently not run
-            if now[id(iv)] == self._calls_at_forward_start.get(id(iv), 0) and iv.name not in self._warned:
-                self._warned.add(iv.name)
-                warnings.warn(
-                    f"attnkit: intervention {iv.name!r} did not run during this forward pass (targets: "
-                    f"layers={iv.target.layers!r}); check that the model uses the attention implementation "
-                    f"attnkit patched and that the targeted layers run.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-
-    def make_context(self, site, entry, q_len, k_len, batch, device, causal, window, query_rows=None, spans=None,
-                     step=None, value=None) -> AttentionContext:
-        tracker = self.tracker if self.adapter.kind == "transformers" else None
-        if entry is not None and tracker is not None and entry.state.get("_sequence") != tracker.sequence_id:
-            entry.state.clear()
-            entry.state["_sequence"] = tracker.sequence_id
-        return AttentionContext(
-            layer=site.layer, module=site.module, tracker=tracker, batch=batch, num_heads=site.num_heads,
-            q_len=q_len, k_len=k_len, causal=causal, device=device, window=window,
-            is_prefill=tracker.last_was_prefill if tracker is not None else True,
-            step=step if step is not None else (tracker.forward_index if tracker is not None else 0),
-            state=entry.state if entry is not None else {}, spans=spans or {}, query_rows=query_rows,
-            heads=entry.head_mask if entry is not None else None, value=value,
-        )
-
-    def _run_site(self, site, query, key, value, attention_mask, scaling, dropout, kwargs):
-        """Attention for one transformers module with its plan. q [B,H,Q,D], k/v [B,Hkv,K,D] → ([B,Q,H,D], None)."""
-        from attnkit.hooks.transformers import _stock_function
-
-        batch, _, q_len, head_dim = query.shape
-        k_len = key.shape[2]
-        scaling = head_dim**-0.5 if scaling is None else scaling
-        causal = kwargs.get("is_causal", getattr(site.module, "is_causal", True))
-        window = kwargs.get("sliding_window")
-        dropout = dropout if site.module.training else 0.0
-
-        def make_ctx(entry, rows=None):
-            return self.make_context(site, entry, q_len, k_len, batch, query.device, causal, window, rows, value=value)
-
-        def stock():
-            out, _ = _stock_function(site.module, site.original_impl)(
-                site.module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-            return out.transpose(1, 2)  # [B, H, Q, D] like the backends
-
-        out = self._attend(site, query, key, value, attention_mask, scaling=scaling, causal=causal,
-                           softcap=kwargs.get("softcap"), dropout=dropout, make_ctx=make_ctx, stock=stock,
-                           call_index=self.tracker.forward_index)
-        return out.transpose(1, 2).contiguous(), None  # [B, Q, H, D]
-
-    def _attend(self, site, query, key, value, mask, *, scaling, causal, softcap, dropout, make_ctx, stock,
-                call_index):
-        """Run a site's plan (or the stock attention when it has none) and feed active captures → [B,H,Q,D]."""
-        if site.entries:
-            out = site.backend.run(query, key, value, mask, scaling=scaling, entries=site.entries, make_ctx=make_ctx,
-                                   causal=causal, softcap=softcap, dropout=dropout)
-            for entry in site.entries:
-                entry.calls += 1
-        else:
-            out = stock()
-        for cap in self._captures:
-            if cap.wants(site.layer, site.component):
-                self._capture_rows(cap, site, query, key, mask, scaling, causal, softcap, make_ctx, call_index)
-        return out
-
-    def _capture_rows(self, cap, site, query, key, mask, scaling, causal, softcap, make_ctx, call_index):
-        """The selected query rows' probabilities, with this site's edits applied: [B, H, R, K]."""
-        q_len, k_len = query.shape[2], key.shape[2]
-        rows = cap.rows(q_len).to(query.device)
-        if mask is None and causal and q_len > 1:
-            from attnkit.kernels.masks import causal_allowed
-
-            mask = causal_allowed(q_len, k_len, query.device)[None, None]  # [1, 1, Q, K]
-        if mask is not None and mask.shape[-2] == q_len:
-            mask = mask[..., rows, :]
-        probs = eager_probs(query[:, :, rows], key, mask, scaling=scaling, entries=site.entries,
-                            make_ctx=lambda e: make_ctx(e, rows), causal=False, softcap=softcap)  # [B,H,R,K]
-        cap.add(site.layer, call_index, probs, rows, kind=getattr(site, "kind", "self"))
-
-    # ---- diffusers runtime (called from the processor wrappers) -------------------------------------------------
-    def _pre_forward_denoiser(self, module, args, kwargs):
-        self.step += 1
-        encoder = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        self.text_len = encoder.shape[1] if isinstance(encoder, torch.Tensor) else None
-        self._calls_at_forward_start = self._intervention_calls()
-
-    def _run_diffusers_sdpa(self, site, spans_for, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                            scale=None, enable_gqa=False):
-        """One intercepted SDPA call inside a diffusers processor. q [B,H,Q,D], k/v [B,Hkv,K,D] → [B,H,Q,D]."""
-        batch, num_heads, q_len, head_dim = query.shape
-        k_len = key.shape[2]
-        scaling = head_dim**-0.5 if scale is None else scale
-        spans = {name: m[None].expand(batch, -1).to(query.device) for name, m in spans_for(k_len).items()}
-
-        def make_ctx(entry, rows=None):
-            return self.make_context(site, entry, q_len, k_len, batch, query.device, bool(is_causal), None, rows,
-                                     spans=spans, step=self.step, value=value)
-
-        def stock():
-            return torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                enable_gqa=enable_gqa)
-
-        return self._attend(site, query, key, value, attn_mask, scaling=scaling, causal=bool(is_causal), softcap=None,
-                            dropout=dropout_p, make_ctx=make_ctx, stock=stock, call_index=self.step)
+        return f"<attnkit.Handle {self.name!r} on {type(self.model).__name__}: {len(self._planned)} modules, {state}>"
 
 
 def attach(model_or_pipeline, recipe: Any = (), backend: str = "auto") -> Handle:
@@ -417,9 +249,34 @@ def attach(model_or_pipeline, recipe: Any = (), backend: str = "auto") -> Handle
 
         recipe = load_recipe(recipe)
     interventions, recipe_backend, name = _as_interventions(recipe)
-    handle = Handle(model_or_pipeline, interventions, recipe_backend if backend == "auto" and recipe_backend else backend,
-                    name)
-    handle._install()
+    for iv in interventions:
+        owner = iv.attached_to()
+        if owner is not None:
+            raise AttachError(
+                f"this {iv.name} instance is already attached ({owner!r}); attach another instance (for example "
+                f"copy.deepcopy of it) to run the method on a second model, or remove that handle first")
+    adapter = _adapter_for(model_or_pipeline)
+    description = adapter.description
+    for iv in interventions:
+        missing = description.explain_missing(iv.name, iv.requires)
+        if missing:
+            raise AttachError(f"{missing}; attach it to a model that has it")
+        try:
+            iv.setup(description)
+        except (KeyError, ValueError) as err:
+            message = err.args[0] if err.args else str(err)
+            raise AttachError(message if str(message).startswith(f"{iv.name}:") else f"{iv.name}: {message}") from None
+    requested = recipe_backend if backend == "auto" and recipe_backend else backend
+    try:
+        planned = plan(adapter, interventions, requested)
+    except PlanError as err:
+        raise AttachError(str(err)) from None
+    handle = Handle(adapter, interventions, requested, name)
+    try:
+        handle._install(planned)
+    except ValueError as err:
+        raise AttachError(str(err)) from None
+    mark_running(interventions, handle)
     return handle
 
 

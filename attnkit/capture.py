@@ -37,7 +37,7 @@ class Capture:
     component: str = "text"
     records: list[CaptureRecord] = field(default_factory=list)
     active: bool = True
-    _handle: object = None
+    _owner: object = None  # the adapter whose ``captures`` list holds this capture
 
     def wants(self, layer: int, component: str) -> bool:
         return self.active and component == self.component and (self.layers is None or layer in self.layers)
@@ -77,8 +77,8 @@ class Capture:
 
     def stop(self) -> "Capture":
         self.active = False
-        if self._handle is not None and self in self._handle._captures:
-            self._handle._captures.remove(self)
+        if self._owner is not None and self in self._owner.captures:
+            self._owner.captures.remove(self)
         return self
 
     def __enter__(self) -> "Capture":

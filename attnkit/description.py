@@ -73,7 +73,9 @@ class ModelDescription:
 
     def missing(self, requires) -> list[str]:
         """The features of ``requires`` this model lacks (span requirements are checked at run time)."""
-        return sorted(r for r in requires if not r.startswith("span:") and r not in self.features)
+        order = list(FEATURES)
+        missing = [r for r in requires if not r.startswith("span:") and r not in self.features]
+        return sorted(missing, key=lambda r: order.index(r) if r in order else len(order))
 
     def explain_missing(self, owner: str, requires) -> str | None:
         """One sentence saying what ``owner`` needs that this model lacks, or None when nothing is missing."""

@@ -10,14 +10,17 @@ is read from the denoiser's ``encoder_hidden_states``).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
-import weakref
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from attnkit.description import Component, ModelDescription
+from attnkit.hooks.runtime import Site, attend
+from attnkit.interventions.base import AttentionContext
 
 DENOISER_NAMES = ("unet", "transformer", "prior", "decoder")
 
@@ -28,21 +31,6 @@ def is_diffusers_object(obj) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(obj, (DiffusionPipeline, ModelMixin))
-
-
-@dataclass
-class DiffusersSite:
-    qualname: str
-    module: torch.nn.Module
-    layer: int
-    component: str
-    num_heads: int
-    num_kv_heads: int
-    kind: str  # "self", "cross" or "joint"
-    handle: Any = None
-    entries: list = field(default_factory=list)
-    backend: Any = None
-    original_processor: Any = None
 
 
 def _denoisers(obj) -> list[tuple[str, torch.nn.Module]]:
@@ -66,14 +54,14 @@ def _attention_kind(module) -> str:
     return "self"
 
 
-def find_sites(obj) -> list[DiffusersSite]:
-    sites: list[DiffusersSite] = []
+def find_sites(obj) -> list[Site]:
+    sites: list[Site] = []
     for comp_name, denoiser in _denoisers(obj):
         index = 0
         for qualname, module in denoiser.named_modules():
             if hasattr(module, "set_processor") and hasattr(module, "processor") and hasattr(module, "heads"):
                 heads = int(module.heads)
-                sites.append(DiffusersSite(qualname, module, index, "denoiser", heads, heads, _attention_kind(module)))
+                sites.append(Site(qualname, module, index, "denoiser", heads, heads, _attention_kind(module)))
                 index += 1
     return sites
 
@@ -96,22 +84,27 @@ _WRAPPER_CLASSES: dict[type, type] = {}
 
 
 class AttnkitProcessor:
-    """Wraps a diffusers attention processor; see the module docstring."""
+    """Wraps a diffusers attention processor; see the module docstring. Holds its adapter strongly: the pipeline's
+    modules keep their attachment alive, nothing global does."""
 
-    def __init__(self, original, site: DiffusersSite, handle):
+    def __init__(self, original, site: Site, adapter: "DiffusersAdapter"):
         self.original = original
         self.site = site
-        self.handle = weakref.proxy(handle)
+        self.adapter = adapter
+
+    def __deepcopy__(self, memo):
+        """A deep copy of an attached pipeline gets the stock processor back."""
+        return copy.deepcopy(self.original, memo)
 
     def _call(self, attn, hidden_states, *args, **kwargs):
-        handle, site = self.handle, self.site
-        if not handle.active_for(site):
+        adapter, site = self.adapter, self.site
+        if not adapter.routes(site):
             return self.original(attn, hidden_states, *args, **kwargs)
         encoder = kwargs.get("encoder_hidden_states", args[0] if args else None)
         n_hidden = hidden_states.shape[1]
         n_text = encoder.shape[1] if isinstance(encoder, torch.Tensor) else None
-        spans_for = lambda k_len: key_spans(self.original, site.kind, n_hidden, n_text, k_len, handle.text_len)  # noqa: E731
-        with _SDPARouter(lambda *a, **kw: handle._run_diffusers_sdpa(site, spans_for, *a, **kw)):
+        spans_for = lambda k_len: key_spans(self.original, site.kind, n_hidden, n_text, k_len, adapter.text_len)  # noqa: E731
+        with _SDPARouter(lambda *a, **kw: adapter.run_sdpa(site, spans_for, *a, **kw)):
             return self.original(attn, hidden_states, *args, **kwargs)
 
 
@@ -144,41 +137,127 @@ def key_spans(processor, kind: str, n_hidden: int, n_text: int | None, k_len: in
     return {"text": text, "image": ~text}
 
 
-class DiffusersAdapter:
-    """Installs a handle's plans on a diffusers pipeline or model and undoes it exactly."""
+def describe(obj, sites: list[Site]) -> ModelDescription:
+    """The typed :class:`~attnkit.description.ModelDescription` of a pipeline or denoiser.
 
-    kind = "diffusers"
+    ``extra["pipeline"]`` is the pipeline object when ``obj`` is one (None for a bare denoiser)."""
+    from diffusers import DiffusionPipeline
+
+    first = sites[0]
+    kinds = tuple(s.kind for s in sites)
+    features = {"denoiser"}
+    if "cross" in kinds:
+        features.add("cross_attention")
+    if "joint" in kinds:
+        features.add("joint_attention")
+    component = Component("denoiser", len(sites), first.num_heads, first.num_kv_heads, None, kinds=kinds,
+                          names=tuple(s.qualname for s in sites))
+    denoiser = _denoisers(obj)[0][1]
+    return ModelDescription(
+        framework="diffusers", model_type=type(denoiser).__name__, class_name=type(obj).__name__,
+        components={"denoiser": component}, default_component="denoiser", features=frozenset(features),
+        extra={"pipeline": obj if isinstance(obj, DiffusionPipeline) else None})
+
+
+class DiffusersAdapter:
+    """Installs one handle's plans on a diffusers pipeline or model, counts its denoising steps and runs its
+    attention calls."""
+
+    framework = "diffusers"
+    tracker = None  # no token sequences: spans are per call (text / image keys)
 
     def __init__(self, obj):
-        self.obj = obj
+        self.model = obj
         self.sites = find_sites(obj)
         if not self.sites:
             raise NotImplementedError(f"no attention modules with processors found in {type(obj).__name__}")
+        self.description = describe(obj, self.sites)
+        self.handle = None
+        self.captures: list = []
+        self.step = 0  # denoiser calls so far
+        self.text_len: int | None = None  # encoder_hidden_states length of the current denoiser call
+        self._detached = 0
         self._hooks: list = []
-        self._installed: list[DiffusersSite] = []
-
-    def model_info(self) -> dict:
-        first = self.sites[0]
-        return {"kind": self.kind, "model_type": type(_denoisers(self.obj)[0][1]).__name__,
-                "default_component": "denoiser",
-                "denoiser": {"num_layers": len(self.sites), "num_heads": first.num_heads,
-                             "num_kv_heads": first.num_kv_heads,
-                             "kinds": [s.kind for s in self.sites], "names": [s.qualname for s in self.sites]}}
+        self._installed: list[tuple[Site, object]] = []  # (site, its original processor)
+        self._calls_at_start: dict[int, int] = {}
 
     def install(self, handle, planned_sites) -> None:
+        for site in self.sites:
+            if isinstance(site.module.processor, AttnkitProcessor) and site.module.processor.adapter.handle is not None:
+                raise ValueError(f"{type(self.model).__name__} overlaps a pipeline or denoiser that is already attached "
+                                 f"({site.module.processor.adapter.describe_owner()}); remove that handle first")
+        self.handle = handle
         for site in self.sites:  # wrap every site so captures and plans see the same layer numbering
-            site.handle = handle
-            site.original_processor = site.module.processor
-            site.module.set_processor(_wrapper_for(site.original_processor)(site.original_processor, site, handle))
-            self._installed.append(site)
-        for _, denoiser in _denoisers(self.obj):
-            self._hooks.append(denoiser.register_forward_pre_hook(handle._pre_forward_denoiser, with_kwargs=True))
+            original = site.module.processor
+            site.module.set_processor(_wrapper_for(original)(original, site, self))
+            self._installed.append((site, original))
+        for _, denoiser in _denoisers(self.model):
+            self._hooks.append(denoiser.register_forward_pre_hook(self._pre_denoiser, with_kwargs=True))
+            self._hooks.append(denoiser.register_forward_hook(self._post_denoiser, with_kwargs=True, always_call=True))
 
     def uninstall(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for site in reversed(self._installed):
-            site.module.set_processor(site.original_processor)
-            site.handle = None
+        for site, original in reversed(self._installed):
+            site.module.set_processor(original)
         self._installed.clear()
+        self.handle = None
+
+    def __deepcopy__(self, memo):
+        """A deep copy of an attached pipeline gets inert step-counting hooks."""
+        inert = type(self).__new__(type(self))
+        inert.handle, inert._detached = None, 0
+        return inert
+
+    def describe_owner(self) -> str:
+        handle = self.handle
+        return f"handle {handle.name!r} on {type(self.model).__name__}" if handle is not None else "no handle"
+
+    @contextlib.contextmanager
+    def detached(self):
+        """Calls inside run the stock processors and do not count as denoising steps."""
+        self._detached += 1
+        try:
+            yield
+        finally:
+            self._detached -= 1
+
+    def routes(self, site: Site) -> bool:
+        handle = self.handle
+        return (handle is not None and handle.active and not self._detached
+                and (bool(site.entries) or any(c.wants(site.layer, site.component) for c in self.captures)))
+
+    def _pre_denoiser(self, module, args, kwargs):
+        if self._detached or self.handle is None:
+            return
+        self.step += 1
+        encoder = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        self.text_len = encoder.shape[1] if isinstance(encoder, torch.Tensor) else None
+        self._calls_at_start = self.handle._intervention_calls()
+
+    def _post_denoiser(self, module, args, kwargs, output):
+        if self.handle is not None and not self._detached and output is not None:
+            self.handle._warn_idle(self._calls_at_start)
+
+    def run_sdpa(self, site: Site, spans_for, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                 scale=None, enable_gqa=False):
+        """One intercepted SDPA call inside a diffusers processor. q [B,H,Q,D], k/v [B,Hkv,K,D] → [B,H,Q,D]."""
+        batch, _, q_len, head_dim = query.shape
+        k_len = key.shape[2]
+        scaling = head_dim**-0.5 if scale is None else scale
+        spans = {name: m[None].expand(batch, -1).to(query.device) for name, m in spans_for(k_len).items()}
+
+        def make_ctx(entry, rows=None):
+            return AttentionContext(
+                layer=site.layer, module=site.module, tracker=None, batch=batch, num_heads=site.num_heads,
+                q_len=q_len, k_len=k_len, causal=bool(is_causal), device=query.device, step=self.step,
+                state=entry.state if entry is not None else {}, spans=spans, query_rows=rows,
+                heads=entry.head_mask if entry is not None else None, value=value)
+
+        def stock():
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+        return attend(self, site, query, key, value, attn_mask, scaling=scaling, causal=bool(is_causal),
+                      softcap=None, dropout=dropout_p, make_ctx=make_ctx, stock=stock, call_index=self.step)

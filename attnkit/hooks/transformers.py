@@ -1,25 +1,43 @@
-"""How attnkit gets inside ``transformers`` (≥ 5) models: one attention function registered in the
-``AttentionInterface`` (and a mask function in ``AttentionMaskInterface`` — without it the function would receive
-``attention_mask=None`` and silently lose causality), plus forward pre-hooks that track token spans.
+"""How attnkit gets inside ``transformers`` (≥ 5) models, and the runtime of one attachment.
 
-Attaching switches only the configs of the targeted attention modules to ``"attnkit"``; modules without a plan fall
-through to the implementation they had before (the exact stock function, with the mask that implementation
-expects) when that was ``eager`` or ``sdpa``; a model loaded with a flash-attention implementation runs its unplanned
-layers on SDPA while attached (flash kernels want a different mask format). Removing restores each config's previous
-value. Nothing is written on the model's modules.
+* **Dispatch.** One attention function is registered in ``AttentionInterface`` under ``"attnkit"`` (and a mask
+  function in ``AttentionMaskInterface``, for models that build masks from an attention module's config). Attaching
+  gives each attention module of a targeted stack its **own shallow copy of its config** switched to ``"attnkit"``;
+  the shared config object is never changed, so another model sharing it, or a ``copy.deepcopy`` made while
+  attached, keeps its stock attention. The model still builds its masks from its own (unchanged) config, so the
+  function receives exactly the mask the previous implementation expects. Modules without a plan, and modules that
+  are not part of a live attachment (a deep copy), fall through to that previous implementation: the model's own
+  ``eager_attention_forward`` for ``eager``, transformers' SDPA function otherwise (flash/flex-loaded models run
+  unplanned layers on SDPA while attached). ``remove()`` puts the original config objects back.
+* **Tracking.** A forward pre-hook on the outer model (and one on the text decoder, for direct calls to it)
+  records the new tokens of every call in a :class:`~attnkit.spans.SequenceTracker`: how many tokens came before
+  the call comes from the 2-D attention mask ``generate`` passes (see :func:`attnkit.hooks.compat.past_length`).
+  There is no call-depth counter, so a failed or interrupted call leaves nothing to unwind.
+* **Ownership.** A module belongs to at most one live attachment; attaching a model, or a part of one, whose
+  attention modules are already attached is refused. The global module → site map holds neither the model nor the
+  handle strongly (the model's own hooks keep its handle alive), so an attached model is freed like any other.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import inspect
 import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from attnkit.description import Component, ModelDescription
 from attnkit.hooks import compat
+from attnkit.hooks.runtime import Site, attend
+from attnkit.interventions.base import AttentionContext
+from attnkit.spans import SequenceTracker
 
 IMPL_NAME = "attnkit"
+# set on attnkit's own config copies only: the implementation they replaced, and the config they copy
+_PREVIOUS = "_attnkit_previous_implementation"
+_ORIGINAL = "_attnkit_original_config"
 
 #: Families whose attention goes through transformers' AttentionInterface and that the test-suite covers.
 TESTED_FAMILIES = (
@@ -27,57 +45,41 @@ TESTED_FAMILIES = (
     "llava", "llava_next", "qwen2_vl", "idefics3",
 )
 
-
-@dataclass
-class AttentionSite:
-    """One attention module inside a model: where it is and how to reach its stock implementation."""
-
-    qualname: str
-    module: torch.nn.Module
-    layer: int
-    component: str  # "text" or "vision"
-    num_heads: int
-    num_kv_heads: int
-    handle: Any = None
-    entries: list = field(default_factory=list)
-    backend: Any = None
-    original_impl: str | None = None
-
-
-_SITES: "weakref.WeakKeyDictionary[torch.nn.Module, AttentionSite]" = weakref.WeakKeyDictionary()
-_ORIGINAL_IMPL_BY_CONFIG: dict[int, tuple[Any, str]] = {}  # id(config) -> (weakref(config), original impl)
+#: module -> (weakref to its Site, weakref to the adapter running it); weak keys and values: nothing here keeps
+#: a model alive.
+_OWNER: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _REGISTERED = False
 
 
-# ---- stock fallbacks -----------------------------------------------------------------------------------------
+# ---- dispatch --------------------------------------------------------------------------------------------------
 def _stock_function(module: torch.nn.Module, impl: str | None):
-    """The stock attention function for ``module``: the model's own eager function for ``eager``, transformers'
-    SDPA function otherwise (see :func:`attnkit_mask` for the masks each receives)."""
+    """The stock attention function for ``module`` under implementation ``impl`` (see the module docstring)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if impl in (None, "eager"):
         fn = compat.model_eager_function(module)
         if fn is not None:
             return fn
-    # our mask function hands out sdpa-format masks for every other implementation (see attnkit_mask), so only
-    # sdpa itself can take them; flash / flex implementations run on SDPA while attached
     return ALL_ATTENTION_FUNCTIONS["sdpa"]
 
 
-def _original_impl_of(config) -> str | None:
-    entry = _ORIGINAL_IMPL_BY_CONFIG.get(id(config))
-    if entry is not None and entry[0]() is config:
-        return entry[1]
-    return None
+def config_of(module: torch.nn.Module):
+    """An attention module's own config: the original behind an attnkit copy (also in a deep copy of an
+    attached model)."""
+    config = getattr(module, "config", None)
+    return getattr(config, _ORIGINAL, config)
+
+
+def previous_implementation(config) -> str | None:
+    """The implementation an attnkit config copy replaced (None for any other config)."""
+    return getattr(config, _PREVIOUS, None)
 
 
 def attnkit_mask(*args, **kwargs):
-    """Mask function for ``"attnkit"``: exactly the mask the config's previous implementation would get
-    (``eager_mask`` for eager, ``sdpa_mask`` — bool or None — otherwise)."""
+    """Mask function for ``"attnkit"``: exactly the mask of the implementation the config copy replaced."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    original = _original_impl_of(kwargs.get("config"))
-    name = "eager" if original == "eager" else "sdpa"
+    name = "eager" if previous_implementation(kwargs.get("config")) == "eager" else "sdpa"
     return ALL_MASK_ATTENTION_FUNCTIONS[name](*args, **kwargs)
 
 
@@ -85,16 +87,17 @@ def attnkit_attention(module, query, key, value, attention_mask, scaling=None, d
     """The registered attention function: run the module's plan, or fall through to its stock implementation.
 
     q [B,H,Q,D], k/v [B,Hkv,K,D]; returns ``(out [B,Q,H,D], None)`` like transformers' own functions."""
-    site = _SITES.get(module)
-    if site is None or site.handle is None or not site.handle.active_for(site):
-        impl = site.original_impl if site is not None else _original_impl_of(getattr(module, "config", None))
+    owner = _OWNER.get(module)
+    site, adapter = (owner[0](), owner[1]()) if owner is not None else (None, None)
+    if site is None or adapter is None or not adapter.routes(site):
+        impl = previous_implementation(getattr(module, "config", None))
         return _stock_function(module, impl)(module, query, key, value, attention_mask, scaling=scaling,
                                              dropout=dropout, **kwargs)
-    return site.handle._run_site(site, query, key, value, attention_mask, scaling, dropout, kwargs)
+    return adapter.run_site(site, query, key, value, attention_mask, scaling, dropout, kwargs)
 
 
 def register_attnkit() -> None:
-    """Register the attention and mask functions once per process (the interface has no unregister)."""
+    """Register the attention and mask functions once per process (the interfaces have no unregister)."""
     global _REGISTERED
     if _REGISTERED:
         return
@@ -106,7 +109,7 @@ def register_attnkit() -> None:
     _REGISTERED = True
 
 
-# ---- discovery ---------------------------------------------------------------------------------------------
+# ---- discovery ---------------------------------------------------------------------------------------------------
 def is_transformers_model(obj) -> bool:
     try:
         from transformers import PreTrainedModel
@@ -116,42 +119,38 @@ def is_transformers_model(obj) -> bool:
 
 
 def _heads_of(module, config) -> tuple[int, int]:
-    head_dim = getattr(module, "head_dim", None)
     num_heads = getattr(config, "num_attention_heads", None) or getattr(module, "num_heads", None)
     if num_heads is None:
         num_heads = getattr(config, "n_head", None) or getattr(config, "num_heads", None)
     kv_groups = getattr(module, "num_key_value_groups", 1) or 1
-    del head_dim
     return int(num_heads), int(num_heads) // int(kv_groups)
 
 
-def find_sites(model) -> list[AttentionSite]:
+def find_sites(model) -> list[Site]:
     """All attention modules that dispatch through the AttentionInterface, per component, in layer order."""
     config = model.config
     text_config = config.get_text_config(decoder=True)
     vision_config = getattr(config, "vision_config", None)
-    sites: list[AttentionSite] = []
+    sites: list[Site] = []
     vision_count = 0
     for qualname, module in model.named_modules():
         if not type(module).__name__.endswith("Attention") or not hasattr(module, "config"):
             continue
-        mod_config = module.config
+        mod_config = config_of(module)
         if mod_config is text_config and isinstance(getattr(module, "layer_idx", None), int):
             h, hkv = _heads_of(module, mod_config)
-            sites.append(AttentionSite(qualname, module, module.layer_idx, "text", h, hkv))
+            sites.append(Site(qualname, module, module.layer_idx, "text", h, hkv))
         elif vision_config is not None and mod_config is vision_config:
             h, hkv = _heads_of(module, mod_config)
-            sites.append(AttentionSite(qualname, module, vision_count, "vision", h, hkv))
+            sites.append(Site(qualname, module, vision_count, "vision", h, hkv))
             vision_count += 1
     return sites
 
 
-def check_supported(model, sites: list[AttentionSite]) -> None:
+def check_supported(model, sites: list[Site]) -> None:
     """Raise a clear error for models whose attention does not go through the AttentionInterface."""
     model_type = getattr(model.config, "model_type", type(model).__name__)
-    supports = compat.supports_attention_interface(model)
-    text_sites = [s for s in sites if s.component == "text"]
-    if not supports or not text_sites:
+    if not compat.supports_attention_interface(model) or not any(s.component == "text" for s in sites):
         raise NotImplementedError(
             f"{type(model).__name__} (model_type={model_type!r}) does not route attention through transformers' "
             f"AttentionInterface, so attnkit cannot reach it. Supported and tested families: "
@@ -168,67 +167,225 @@ def text_model_of(model) -> torch.nn.Module | None:
     return None
 
 
-# ---- install / uninstall -----------------------------------------------------------------------------------
-class TransformersAdapter:
-    """Installs a handle's plans on a transformers model and undoes it exactly."""
+def describe(model, sites: list[Site]) -> ModelDescription:
+    """The typed :class:`~attnkit.description.ModelDescription` of a transformers model."""
+    config = model.config
+    text = config.get_text_config(decoder=True)
+    components = {}
+    for name in ("text", "vision"):
+        comp = [s for s in sites if s.component == name]
+        if comp:
+            head_dim = getattr(comp[0].module, "head_dim", None)
+            components[name] = Component(name, max(s.layer for s in comp) + 1, comp[0].num_heads,
+                                         comp[0].num_kv_heads, head_dim, names=tuple(s.qualname for s in comp))
+    image_token_id = getattr(config, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = getattr(config, "image_token_index", None)
+    features = {"text_decoder"}
+    if model.get_output_embeddings() is not None:
+        features.add("causal_lm")
+    if _has_rope(model):
+        features.add("rope")
+    if image_token_id is not None:
+        features.add("image_tokens")
+    if "vision" in components:
+        features.add("vision_tower")
+    return ModelDescription(
+        framework="transformers", model_type=str(getattr(config, "model_type", "")), class_name=type(model).__name__,
+        components=components, default_component="text", features=frozenset(features), config=config,
+        text_config=text, image_token_id=image_token_id)
 
-    kind = "transformers"
+
+def _has_rope(model) -> bool:
+    return any(hasattr(m, "inv_freq") for m in model.modules())
+
+
+def claim(modules, adapter) -> None:
+    """Refuse modules another live attachment owns (see the module docstring)."""
+    for module in modules:
+        owner = _OWNER.get(module)
+        other = owner[1]() if owner is not None else None
+        if other is not None and other is not adapter and other.handle is not None:
+            raise ValueError(
+                f"{type(adapter.model).__name__} overlaps a model that is already attached ({other.describe_owner()}); "
+                "remove that handle first, or attach one recipe holding all interventions")
+
+
+# ---- one attachment -------------------------------------------------------------------------------------------------
+class TransformersAdapter:
+    """Installs one handle's plans on a transformers model, tracks its sequences and runs its attention calls."""
+
+    framework = "transformers"
 
     def __init__(self, model):
         self.model = model
         self.sites = find_sites(model)
         check_supported(model, self.sites)
+        self.description = describe(model, self.sites)
+        self.tracker = SequenceTracker(image_token_id=self.description.image_token_id)
+        self.handle = None
+        self.captures: list = []
+        self._detached = 0
+        self._observed_by_outer = False
         self._hooks: list = []
-        self._configs: list[tuple[Any, str]] = []
+        self._swapped: list[tuple[torch.nn.Module, Any]] = []  # (module, its original config)
+        self._calls_at_start: dict[int, int] = {}
 
-    def model_info(self) -> dict:
-        config = self.model.config
-        text = config.get_text_config(decoder=True)
-        info = {"kind": self.kind, "model_type": getattr(config, "model_type", None), "config": config,
-                "default_component": "text"}
-        for comp in ("text", "vision"):
-            comp_sites = [s for s in self.sites if s.component == comp]
-            if comp_sites:
-                info[comp] = {"num_layers": max(s.layer for s in comp_sites) + 1, "num_heads": comp_sites[0].num_heads,
-                              "num_kv_heads": comp_sites[0].num_kv_heads}
-        info["image_token_id"] = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
-        info["text_config"] = text
-        return info
-
-    def install(self, handle, planned_sites: list[AttentionSite]) -> None:
+    # ---- install / uninstall ------------------------------------------------------------------------------------
+    def install(self, handle, planned_sites: list[Site]) -> None:
+        """Route every attention module through attnkit and start tracking (see the module docstring); modules
+        without a plan fall through to their stock implementation."""
+        claim([s.module for s in self.sites], self)
         register_attnkit()
-        configs = {}
-        for site in planned_sites:
-            configs[id(site.module.config)] = site.module.config
-        for site in self.sites:  # every site of a switched config must know its stock implementation
-            if id(site.module.config) in configs:
-                site.original_impl = compat.attn_implementation(site.module.config)
-                site.handle = handle
-                _SITES[site.module] = site
-        for config in configs.values():
-            previous = compat.attn_implementation(config)
-            self._configs.append((config, previous))
-            _ORIGINAL_IMPL_BY_CONFIG[id(config)] = (weakref.ref(config), previous)
-            compat.set_attn_implementation(config, IMPL_NAME)
-        self._add_tracking_hooks(handle)
+        copies: dict[int, Any] = {}  # one config copy per original config
+        self.handle = handle
+        for site in self.sites:  # every stack is routed, so captures reach any layer
+            original = config_of(site.module)
+            if id(original) not in copies:
+                switched = copy.copy(original)
+                setattr(switched, _PREVIOUS, compat.attn_implementation(original))
+                setattr(switched, _ORIGINAL, original)
+                compat.set_attn_implementation(switched, IMPL_NAME)
+                copies[id(original)] = switched
+            self._swapped.append((site.module, original))
+            site.module.config = copies[id(original)]
+            _OWNER[site.module] = (weakref.ref(site), weakref.ref(self))
+        self._add_tracking_hooks()
 
-    def _add_tracking_hooks(self, handle) -> None:
+    def _add_tracking_hooks(self) -> None:
         outer = self.model
-        self._hooks.append(outer.register_forward_pre_hook(handle._pre_forward_outer, with_kwargs=True))
-        self._hooks.append(outer.register_forward_hook(handle._post_forward_outer, with_kwargs=True, always_call=True))
+        self._hooks.append(outer.register_forward_pre_hook(self._pre_outer, with_kwargs=True))
+        self._hooks.append(outer.register_forward_hook(self._post_outer, with_kwargs=True, always_call=True))
         inner = text_model_of(outer)
-        if inner is not None and inner is not outer:
-            self._hooks.append(inner.register_forward_pre_hook(handle._pre_forward_inner, with_kwargs=True))
+        if inner is not None:
+            self._hooks.append(inner.register_forward_pre_hook(self._pre_inner, with_kwargs=True))
 
     def uninstall(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for config, previous in reversed(self._configs):
-            compat.set_attn_implementation(config, previous)
-            _ORIGINAL_IMPL_BY_CONFIG.pop(id(config), None)
-        self._configs.clear()
-        for site in self.sites:
-            if _SITES.get(site.module) is site:
-                del _SITES[site.module]
-            site.handle = None
+        for module, original in reversed(self._swapped):
+            module.config = original
+            owner = _OWNER.get(module)
+            if owner is not None and owner[1]() is self:
+                del _OWNER[module]
+        self._swapped.clear()
+        self.handle = None
+
+    def describe_owner(self) -> str:
+        handle = self.handle
+        return f"handle {handle.name!r} on {type(self.model).__name__}" if handle is not None else "no handle"
+
+    def __deepcopy__(self, memo):
+        """A deep copy of an attached model gets inert tracking hooks (and its modules fall through to stock)."""
+        inert = type(self).__new__(type(self))
+        inert.handle, inert._detached, inert._observed_by_outer = None, 0, False
+        return inert
+
+    # ---- tracking -------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def detached(self):
+        """Calls inside run the stock model and are not tracked (e.g. a method's own extra branch)."""
+        self._detached += 1
+        try:
+            yield
+        finally:
+            self._detached -= 1
+
+    def _observe(self, module, args, kwargs) -> None:
+        bound = _bind(module, args, kwargs)
+        ids, embeds = bound.get("input_ids"), bound.get("inputs_embeds")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            batch, new_len = ids.shape
+        elif isinstance(embeds, torch.Tensor) and embeds.dim() == 3:
+            ids, (batch, new_len) = None, embeds.shape[:2]
+        else:
+            return
+        tracked = self.tracker.length if self.tracker.batch == batch else None
+        past = compat.past_length(bound, new_len, tracked)
+        self.tracker.observe(ids, bound.get("attention_mask"), past, batch, new_len)
+
+    def _pre_outer(self, module, args, kwargs):
+        if self._detached or self.handle is None:
+            return
+        self._observed_by_outer = False
+        self._observe(module, args, kwargs)
+        self._observed_by_outer = True
+        self._calls_at_start = self.handle._intervention_calls()
+
+    def _pre_inner(self, module, args, kwargs):
+        if self._detached or self.handle is None:
+            return
+        if self._observed_by_outer:  # reached through the outer model, whose hook already observed the call
+            self._observed_by_outer = False
+            return
+        self._observe(module, args, kwargs)
+
+    def _post_outer(self, module, args, kwargs, output):
+        """Runs also when the forward raised (``always_call``)."""
+        self._observed_by_outer = False
+        if self.handle is not None and not self._detached and output is not None:
+            self.handle._warn_idle(self._calls_at_start)
+
+    # ---- running a site ---------------------------------------------------------------------------------------------
+    def routes(self, site: Site) -> bool:
+        """Whether this call of ``site`` goes through attnkit (a plan or a capture) rather than the stock function."""
+        handle = self.handle
+        return (handle is not None and handle.active and not self._detached
+                and (bool(site.entries) or any(c.wants(site.layer, site.component) for c in self.captures)))
+
+    def make_context(self, site: Site, entry, q_len, k_len, batch, device, causal, window, rows=None,
+                     value=None) -> AttentionContext:
+        tracker = self.tracker
+        if entry is not None and entry.state.get("_sequence") != tracker.sequence_id:
+            entry.state.clear()
+            entry.state["_sequence"] = tracker.sequence_id
+        return AttentionContext(
+            layer=site.layer, module=site.module, tracker=tracker, batch=batch, num_heads=site.num_heads,
+            q_len=q_len, k_len=k_len, causal=causal, device=device, window=window, is_prefill=tracker.last_was_prefill,
+            step=tracker.forward_index, state=entry.state if entry is not None else {}, query_rows=rows,
+            heads=entry.head_mask if entry is not None else None, value=value)
+
+    def run_site(self, site: Site, query, key, value, attention_mask, scaling, dropout, kwargs):
+        """Attention for one module with its plan. q [B,H,Q,D], k/v [B,Hkv,K,D] → ([B,Q,H,D], None)."""
+        batch, _, q_len, head_dim = query.shape
+        k_len = key.shape[2]
+        scaling = head_dim**-0.5 if scaling is None else scaling
+        causal = kwargs.get("is_causal", getattr(site.module, "is_causal", True))
+        window = kwargs.get("sliding_window")
+        dropout = dropout if site.module.training else 0.0
+        impl = previous_implementation(site.module.config)
+
+        def make_ctx(entry, rows=None):
+            return self.make_context(site, entry, q_len, k_len, batch, query.device, causal, window, rows, value)
+
+        def stock():
+            out, _ = _stock_function(site.module, impl)(site.module, query, key, value, attention_mask,
+                                                         scaling=scaling, dropout=dropout, **kwargs)
+            return out.transpose(1, 2)  # [B, H, Q, D] like the backends
+
+        out = attend(self, site, query, key, value, attention_mask, scaling=scaling, causal=causal,
+                     softcap=kwargs.get("softcap"), dropout=dropout, make_ctx=make_ctx, stock=stock,
+                     call_index=self.tracker.forward_index)
+        return out.transpose(1, 2).contiguous(), None  # [B, Q, H, D]
+
+
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _bind(module, args, kwargs) -> dict:
+    """A forward call's arguments by name (positional ones included)."""
+    if not args:
+        return kwargs
+    cls = type(module)
+    if cls not in _SIGNATURES:
+        _SIGNATURES[cls] = inspect.signature(module.forward)
+    signature = _SIGNATURES[cls]
+    try:
+        named = dict(signature.bind_partial(*args, **kwargs).arguments)
+    except TypeError:
+        return {"input_ids": args[0], **kwargs} if isinstance(args[0], torch.Tensor) else kwargs
+    for name, param in signature.parameters.items():  # flatten **kwargs
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(named.pop(name, {}))
+    return named

@@ -36,15 +36,36 @@ Example (a per-head output gain):
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from attnkit.registry import Registry
 from attnkit.targets import Target
 
+if TYPE_CHECKING:
+    from attnkit.description import ModelDescription
+
 INTERVENTIONS = Registry("intervention")
+
+#: intervention -> weakref to the handle running it (see Intervention.attached_to); weak both ways
+_RUNNING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def mark_running(interventions, handle) -> None:
+    """Record that ``handle`` runs ``interventions``."""
+    for iv in interventions:
+        _RUNNING[iv] = weakref.ref(handle)
+
+
+def release_running(interventions, handle) -> None:
+    """``handle`` no longer runs ``interventions``: they may be attached again."""
+    for iv in interventions:
+        ref = _RUNNING.get(iv)
+        if ref is not None and ref() in (handle, None):
+            del _RUNNING[iv]
 
 HOOKS = ("query_scale", "score_bias", "edit_scores", "key_stats", "group_factors", "edit_probs", "edit_output")
 
@@ -120,11 +141,25 @@ class AttentionContext:
 
 
 class Intervention:
-    """Base class of all interventions; see the module docstring for the hooks."""
+    """Base class of all interventions; see the module docstring for the hooks.
+
+    An instance serves one live attachment at a time: :func:`attnkit.attach` refuses, with one sentence, an
+    instance that another live handle runs (attach a second instance, e.g. ``copy.deepcopy(iv)``, to use the same
+    method on a second model). :meth:`setup` and :meth:`install` run again at every attachment, so the runtime state
+    they keep on ``self`` belongs to the current attachment; whatever an observer records stays readable on the
+    instance after ``remove()``."""
 
     name: ClassVar[str] = ""
     #: prefer this in error messages and reports
     description: ClassVar[str] = ""
+    #: what the model must offer (see :data:`attnkit.description.FEATURES`), plus ``"span:NAME"`` for user spans
+    #: the method reads (checked when the span is first needed); attach refuses a model lacking a feature
+    requires: ClassVar[frozenset] = frozenset()
+    #: a named slot only one intervention of a recipe may fill (e.g. "kv-cache" for cache policies)
+    exclusive: ClassVar[str | None] = None
+    #: parameters for the conformance suite: ``neutral`` must reproduce the stock model, ``active`` must change it
+    #: (None: the method has no such setting; the suite reports those cells as not applicable)
+    conformance: ClassVar[dict] = {"neutral": None, "active": {}}
 
     def __init__(self, layers=None, heads=None, modules: str | None = None, component: str | None = None):
         self.target = Target(layers=layers, heads=heads, modules=modules)
@@ -142,8 +177,16 @@ class Intervention:
         sink tokens, found from each layer's hidden states)."""
         return ()
 
-    def setup(self, model_info: dict) -> None:
-        """Called once at attach time with facts about the model (num_layers, num_heads, config, …)."""
+    def attached_to(self):
+        """The live :class:`~attnkit.api.Handle` running this instance, or None."""
+        ref = _RUNNING.get(self)
+        handle = ref() if ref is not None else None
+        return handle if handle is not None and not handle.removed else None
+
+    def setup(self, model: "ModelDescription") -> None:
+        """Called once at attach time, on the bound copy, with the model's
+        :class:`~attnkit.description.ModelDescription`; raise ValueError with one sentence when the model does not
+        fit (attach turns it into an AttachError and changes nothing)."""
 
     def install(self, handle) -> list:
         """Called once after attach with the :class:`~attnkit.api.Handle`; return removable hooks

@@ -18,7 +18,7 @@ def test_denoiser_noop_parity_and_exact_undo(family, hooks):
         stock = model(**inputs)[0]
         with attnkit.attach(model, [Noop(hooks=hooks)]) as handle:
             patched = model(**inputs)[0]
-            n_sites = handle.model_info["denoiser"]["num_layers"]
+            n_sites = handle.description.component("denoiser").num_layers
             calls = handle.report()["calls"]["noop"]
         after = model(**inputs)[0]
     torch.testing.assert_close(patched, stock, atol=1e-5, rtol=1e-5)
@@ -45,9 +45,9 @@ class RecordKeys(attnkit.Intervention):
 ])
 def test_joint_attention_key_labels(family, expected):
     model = tiny_denoiser(family)
-    probe = RecordKeys()
-    with torch.no_grad(), attnkit.attach(model, [probe]):
+    with torch.no_grad(), attnkit.attach(model, [RecordKeys()]) as handle:
         model(**denoiser_inputs(family))
+    probe = handle.intervention("test-record-keys")  # the copy bound to this attachment holds what it recorded
     assert len(probe.text) == 2
     for mask in probe.text:  # both dual-stream and (Flux) single-stream blocks
         assert torch.equal(mask, expected(mask.numel() - 5))

@@ -63,11 +63,14 @@ def test_attach_remove_restores_config_and_leaves_no_attributes():
     before_impl = model.config._attn_implementation
     attrs_before = {name: set(vars(m)) for name, m in model.named_modules()}
     hooks_before = {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
+    attention = [m for n, m in model.named_modules() if n.endswith("self_attn")]
     handle = attnkit.attach(model, [Noop(layers=[1])])
-    assert model.config._attn_implementation == "attnkit"
+    assert model.config._attn_implementation == before_impl  # the shared config is never changed
+    assert all(m.config is not model.config and m.config._attn_implementation == "attnkit" for m in attention)
     handle.remove()
     handle.remove()  # idempotent
     assert model.config._attn_implementation == before_impl
+    assert all(m.config is model.config for m in attention)
     assert {name: set(vars(m)) for name, m in model.named_modules()} == attrs_before
     assert {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()} == hooks_before
 
@@ -97,7 +100,7 @@ def test_disabled_runs_stock_model_without_repatching():
         with attnkit.attach(model, [Halve()]) as handle:
             changed = model(ids).logits
             with handle.disabled():
-                assert model.config._attn_implementation == "attnkit"  # nothing re-patched
+                assert model.model.layers[0].self_attn.config._attn_implementation == "attnkit"  # nothing re-patched
                 inside = model(ids).logits
             again = model(ids).logits
     assert not torch.allclose(changed, stock, atol=1e-4)
@@ -119,7 +122,7 @@ def test_two_models_with_different_recipes_do_not_interfere():
 def test_attaching_twice_raises_and_changes_nothing():
     model = tiny_causal_lm("llama")
     with attnkit.attach(model, [Noop()]):
-        with pytest.raises(attnkit.AttachError, match="already has an attnkit handle"):
+        with pytest.raises(attnkit.AttachError, match="already attached"):
             attnkit.attach(model, [Halve()])
         with pytest.raises(attnkit.AttachError, match="appears twice"):
             attnkit.attach(tiny_causal_lm("llama"), [Noop(), Noop()])
@@ -156,8 +159,8 @@ def test_module_regex_and_head_targeting_only_touch_selected_heads():
 def test_idle_intervention_warns_once():
     model = tiny_causal_lm("llama")
     ids = torch.tensor([[5, 6, 7]])
-    with attnkit.attach(model, [Noop()]):
-        model.config._attn_implementation_internal = "sdpa"  # e.g. the user switched implementation afterwards
+    with attnkit.attach(model, [Noop(layers=[1])]):
+        model.config.num_hidden_layers = 1  # e.g. layer skipping: the targeted layer no longer runs
         with pytest.warns(RuntimeWarning, match="did not run"):
             model(ids)
         import warnings
@@ -165,7 +168,7 @@ def test_idle_intervention_warns_once():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             model(ids)  # only once
-        model.config._attn_implementation_internal = "attnkit"
+        model.config.num_hidden_layers = 2
 
 
 def test_unsupported_objects_raise_naming_supported_families():

@@ -42,7 +42,7 @@ def test_unet_perturbed_branch_outputs_values_and_other_branches_untouched(cfg):
         assert not torch.allclose(out[n:], out[n - n_cond: n], atol=1e-3)
     torch.testing.assert_close(branches[:n], stock, atol=1e-5, rtol=1e-5)  # unperturbed rows untouched
     assert (branches[n:] - branches[n - n_cond: n]).abs().max() > 1e-3
-    layer = handle.model_info["denoiser"]["names"].index(MID_SELF)
+    layer = handle.description.component("denoiser").names.index(MID_SELF)
     probs = cap.last(layer)  # [n + n_cond, H, Q, Q]
     eye = torch.eye(probs.shape[-1]).expand_as(probs[n:])
     assert torch.equal(probs[n:], eye)
@@ -144,10 +144,10 @@ def test_layer_patterns_strict_by_default_and_diffusers_compatible_on_request(sd
         resolve_pag_layers(names, kinds, "down.block_1")
     # on the UNet: the same modules diffusers' own matcher picks; cross-attention (attn2) is never chosen
     handle = attnkit.attach(sd_pipe, [])
-    info = handle.model_info["denoiser"]
+    info = handle.description.component("denoiser")
     handle.remove()
     for pattern in ("mid", "up", "down_blocks.0", "blocks.1"):
-        ours = [info["names"][i] for i in resolve_pag_layers(info["names"], info["kinds"], pattern, "diffusers")]
+        ours = [info.names[i] for i in resolve_pag_layers(info.names, info.kinds, pattern, "diffusers")]
         theirs = [name for name, m in sd_pipe.unet.named_modules()
                   if type(m).__name__ == "Attention" and not m.is_cross_attention and re.search(pattern, name)]
         assert sorted(ours) == sorted(theirs) and all(name.endswith("attn1") for name in ours)

@@ -65,7 +65,7 @@ def _run(pipe, prompts, intervention=None, seed=0):
     with torch.no_grad(), attnkit.attach(pipe, [intervention] if intervention else []) as handle, \
             handle.capture(queries="all") as cap:
         images = pipe(prompts, latents=x_t, num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent").images
-    return images, cap.records, handle.model_info["denoiser"]["kinds"]
+    return images, cap.records, handle.description.component("denoiser").kinds
 
 
 def _cond(probs, P):

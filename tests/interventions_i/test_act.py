@@ -46,7 +46,7 @@ def test_calibration_example_through_group_reweighting():
 
 
 def _entry_sinks(handle, iv, layer_index=0):
-    entry = handle.entries_by_intervention[id(iv)][layer_index]
+    entry = handle.plan_entries(iv)[layer_index]
     return iv.sinks(SimpleNamespace(state=entry.state))
 
 

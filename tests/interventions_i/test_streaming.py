@@ -61,7 +61,7 @@ def test_batched_generate_equals_per_sample_with_left_padding():
 
 
 def test_rejects_models_without_rope():
-    with pytest.raises(ValueError, match="RoPE"):
+    with pytest.raises(ValueError, match="rotary position embeddings"):
         attnkit.attach(tiny_causal_lm("gpt2"), [StreamingLLM(num_sinks=1, window=4)])
 
 

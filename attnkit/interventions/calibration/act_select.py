@@ -32,10 +32,10 @@ def select_act_heads(model, score_fn: Callable, layers=None, heads=None, min_gai
     import attnkit
     from attnkit.interventions.sinks.act import ACT
 
-    info = attnkit.attach(model, [])
-    comp = info.model_info["text"]
-    info.remove()
-    num_layers, num_heads = comp["num_layers"], comp["num_heads"]
+    from attnkit.hooks.transformers import TransformersAdapter
+
+    comp = TransformersAdapter(model).description.component("text")
+    num_layers, num_heads = comp.num_layers, comp.num_heads
     layer_list = list(range(2, num_layers - 1)) if layers is None else list(layers)
     head_list = list(range(num_heads)) if heads is None else list(heads)
     with torch.no_grad():

@@ -24,6 +24,7 @@ from attnkit.interventions.base import Intervention, register_intervention
 @register_intervention
 class HeadTemperature(Intervention):
     name = "head-temperature"
+    requires = frozenset({"text_decoder"})
     description = "divide each target head's attention scores by a temperature"
 
     def __init__(self, temperature: float | list | dict = 1.0, log_length_base: int | None = None, **target):

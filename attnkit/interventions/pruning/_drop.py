@@ -118,7 +118,7 @@ class TokenDropper:
         self.start = start
         self.select = select
         self.positions = positions
-        self.text_model = text_model_of(handle.target_object)
+        self.text_model = text_model_of(handle.model)
         if self.text_model is None:
             raise ValueError("token dropping needs a decoder stack with `.layers` (none found in this model)")
         self.layers = list(self.text_model.layers)

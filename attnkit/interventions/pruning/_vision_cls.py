@@ -25,8 +25,10 @@ import torch
 
 def vision_layers(model) -> list[torch.nn.Module]:
     """The attention modules of a CLIP-style vision tower, in order (must have ``q_proj`` and ``k_proj``)."""
+    from attnkit.hooks.transformers import config_of
+
     vision_config = getattr(model.config, "vision_config", None)
-    found = [m for m in model.modules() if getattr(m, "config", None) is vision_config
+    found = [m for m in model.modules() if config_of(m) is vision_config
              and type(m).__name__.endswith("Attention") and hasattr(m, "q_proj") and hasattr(m, "k_proj")]
     if not found:
         raise ValueError(f"{type(model).__name__}: no CLIP-style vision attention (q_proj/k_proj) found")

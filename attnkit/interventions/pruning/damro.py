@@ -147,6 +147,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 @register_intervention
 class Damro(Intervention):
     name = "damro"
+    requires = frozenset({"causal_lm", "image_tokens", "vision_tower"})
     description = "DAMRO: contrastive decoding against the k ViT [CLS]-attention outlier tokens"
 
     def __init__(self, alpha: float = 2.0, k: int = 10, beta: float = 0.1, vision_layer: int | None = None,
@@ -181,14 +182,14 @@ class Damro(Intervention):
         return {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
     # ---- attach ------------------------------------------------------------------------------------------------
-    def setup(self, model_info: dict) -> None:
-        if "vision" not in model_info:
+    def setup(self, model) -> None:
+        if "vision" not in model.components:
             raise ValueError("damro needs a vision-language model with a CLIP-style vision tower")
 
     def install(self, handle) -> list:
         from attnkit.hooks.transformers import text_model_of
 
-        model = handle.target_object
+        model = handle.model
         self._handle = handle
         layer = self.vision_layer
         if layer is None:
@@ -197,7 +198,7 @@ class Damro(Intervention):
             raise ValueError(f"damro: vision_feature_layer={layer!r}; give one int vision_layer")
         self._cls = ClsAttention(model, layers=[layer], merged=self.cls_rule == "merged")
         self._strategy = getattr(model.config, "vision_feature_select_strategy", "default")
-        self._image_id = handle.model_info.get("image_token_id")
+        self._image_id = handle.description.image_token_id
         self._text = text_model_of(model)
         self._embed = model.get_input_embeddings()
         self._head = model.get_output_embeddings()
@@ -325,13 +326,11 @@ class Damro(Intervention):
         if cache is None:  # a prefill: keep its inputs for inspection
             self.last_branch = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
         self._busy = True
-        handle._outer_depth += 1  # keep the span tracker on the main sequence
         try:
-            with handle.disabled():
+            with handle.detached():  # the stock decoder, untracked: the span tracker stays on the main sequence
                 out = self._text(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                  **cache_kwargs(self._text, cache, use_cache))
                 logits = self._head(out.last_hidden_state[:, -last:])  # [B, last, V]
         finally:
-            handle._outer_depth -= 1
             self._busy = False
         return logits, output_cache(out) if use_cache else None

@@ -57,6 +57,7 @@ def fastv_scores(probs: torch.Tensor, query_real: torch.Tensor | None = None) ->
 @register_intervention
 class FastV(Intervention):
     name = "fastv"
+    requires = frozenset({"text_decoder", "image_tokens"})
     description = "FastV: drop the least-attended image tokens after layer K (real shorter sequence)"
 
     def __init__(self, k: int = 2, ratio: float = 0.5, rule: str = "last", mode: str = "drop", seed: int = 0,
@@ -79,8 +80,8 @@ class FastV(Intervention):
         self._dropped: tuple[int, torch.Tensor] | None = None  # (sequence id, dropped [B, N]) for mask mode
 
     # ---- planning -------------------------------------------------------------------------------------------
-    def setup(self, model_info: dict) -> None:
-        num_layers = model_info["text"]["num_layers"]
+    def setup(self, model) -> None:
+        num_layers = model.component("text").num_layers
         if self.k >= num_layers:
             raise ValueError(f"fastv: k={self.k} but the model has layers 0..{num_layers - 1}")
         first = max(self.k - 1, 0)  # the ranking layer observes; mask mode also edits k..L-1
@@ -155,7 +156,7 @@ class _PrefillOnly:
         from attnkit.hooks.transformers import text_model_of
 
         self.handle, self.capture = handle, capture
-        model = text_model_of(handle.target_object) or handle.target_object
+        model = text_model_of(handle.model) or handle.model
         self._hook = model.register_forward_pre_hook(self._pre)
 
     def _pre(self, module, args):

@@ -46,6 +46,7 @@ def streaming_allowed(real: torch.Tensor, q_len: int, sinks: int, window: int) -
 @register_intervention
 class KVRetention(Intervention):
     name = "kv-retention"
+    requires = frozenset({"text_decoder"})
     description = "full KV cache for retrieval heads, sink + window for the others (per KV head)"
 
     def __init__(self, retrieval_heads=None, sinks: int = 4, window: int = 256, **target):
@@ -56,10 +57,10 @@ class KVRetention(Intervention):
         self.sinks, self.window = sinks, window
         self._info: dict = {}
 
-    def setup(self, model_info: dict) -> None:
-        text = model_info["text"]
-        n_layers, n_heads, n_kv = text["num_layers"], text["num_heads"], text["num_kv_heads"]
-        config = model_info.get("text_config")
+    def setup(self, model) -> None:
+        text = model.component("text")
+        n_layers, n_heads, n_kv = text.num_layers, text.num_heads, text.num_kv_heads
+        config = model.text_config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
         group = n_heads // n_kv
         layers = parse_layers(self.target.layers, n_layers)

@@ -33,6 +33,7 @@ from attnkit.targets import Target
 @register_intervention
 class VTCCLS(Intervention):
     name = "vtc-cls"
+    requires = frozenset({"image_tokens", "vision_tower"})
     description = "VTC-CLS: keep the top-U image tokens by the vision [CLS] attention (layer ensemble)"
 
     def __init__(self, keep: int = 36, start_layer: int = -2, positions: str = "contiguous", **target):
@@ -44,11 +45,11 @@ class VTCCLS(Intervention):
         self._cls: ClsAttention | None = None
         self._dropper: TokenDropper | None = None
 
-    def setup(self, model_info: dict) -> None:
+    def setup(self, model) -> None:
         self.target = Target(layers=[0], heads=None, modules=self.target.modules)  # observer entry on LM layer 0
 
     def install(self, handle) -> list:
-        model = handle.target_object
+        model = handle.model
         self._handle = handle
         n = len(vision_layers(model))
         start = self.start_layer + n if self.start_layer < 0 else self.start_layer

@@ -57,6 +57,7 @@ def act_factors(mass: torch.Tensor, sink_groups: torch.Tensor, beta: float) -> t
 @register_intervention
 class ACT(Intervention):
     name = "act"
+    requires = frozenset({"text_decoder"})
     description = "Attention Calibration Technique: scale hidden attention sinks by beta, give the mass back"
 
     def __init__(self, beta: float = 0.4, sink_test: str = "code", theta: float = 0.1, alpha: float = 5.0,

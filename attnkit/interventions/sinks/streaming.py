@@ -76,6 +76,7 @@ def find_inv_freq(model) -> torch.Tensor | None:
 @register_intervention
 class StreamingLLM(Intervention):
     name = "streaming-llm"
+    requires = frozenset({"text_decoder", "rope"})
     description = "StreamingLLM: keep attention-sink tokens plus a recent window in the KV cache"
     exclusive = "kv-cache"
 
@@ -91,7 +92,7 @@ class StreamingLLM(Intervention):
         self.max_cache_seen = 0  # largest cache length left between calls (for tests / reports)
 
     def install(self, handle) -> list:
-        model = handle.target_object
+        model = handle.model
         self._inv_freq = find_inv_freq(model)
         if self._inv_freq is None:
             raise ValueError(f"streaming-llm needs a RoPE model; {type(model).__name__} has no rotary embedding "

@@ -70,6 +70,7 @@ def var_factors(mass: torch.Tensor, p: float, rho: float, min_image_mass: float 
 @register_intervention
 class VAR(Intervention):
     name = "var"
+    requires = frozenset({"text_decoder", "image_tokens"})
     description = "Visual Attention Redistribution: recycle sink attention to non-sink image tokens"
 
     def __init__(self, p: float = 0.4, rho: float = 0.5, tau: float = 20.0, sink_dims: list | str = "auto",
@@ -92,11 +93,9 @@ class VAR(Intervention):
         self._sinks: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (sequence id, [B, T0] bool)
         self._auto_dims: list[int] | None = None
 
-    def setup(self, model_info: dict) -> None:
-        comp = model_info.get(self.component or "text") or model_info.get("text") or {}
-        self._num_layers = comp.get("num_layers")
-        hidden = getattr(model_info.get("text_config"), "hidden_size", None)
-        hidden = hidden or getattr(getattr(model_info.get("config"), "text_config", None), "hidden_size", None)
+    def setup(self, model) -> None:
+        self._num_layers = model.component(self.component or "text").num_layers
+        hidden = getattr(model.text_config, "hidden_size", None)
         if hidden is not None and self.sink_dims != "auto" and max(self.sink_dims) >= hidden:
             raise ValueError(f"var: sink_dims {self.sink_dims} exceed the hidden size {hidden} of this model")
 
@@ -104,7 +103,7 @@ class VAR(Intervention):
     def install(self, handle) -> list:
         from attnkit.hooks.transformers import text_model_of
 
-        decoder = text_model_of(handle.target_object)
+        decoder = text_model_of(handle.model)
         if decoder is None:
             raise ValueError("var: could not find the decoder layers of this model to read hidden states")
         self._handle = handle

@@ -58,6 +58,7 @@ def inhibited_pairs(focus: torch.Tensor, image: torch.Tensor, keep: torch.Tensor
 @register_intervention
 class CMAI(Intervention):
     name = "cmai"
+    requires = frozenset({"text_decoder", "image_tokens"})
     description = "CMAI: inhibit text→image attention pairs with a low text-aggregated focus score"
 
     def __init__(self, keep_ratio: float = 0.5, keep_top: int | None = None, strength: float = 0.0,

@@ -148,6 +148,7 @@ def fold_guidance(cond: torch.Tensor, perturbed: torch.Tensor, pag_scale: float,
 @register_intervention
 class PerturbedAttentionGuidance(Intervention):
     name = "pag"
+    requires = frozenset({"denoiser"})
     description = "Perturbed-attention guidance: identity self-attention in a perturbed branch, combined with CFG"
 
     def __init__(self, scale: float = 3.0, adaptive_scale: float = 0.0, applied_layers: str | list | None = "mid",
@@ -168,15 +169,10 @@ class PerturbedAttentionGuidance(Intervention):
         self._warn = WarnOnce()
 
     # ---- planning -------------------------------------------------------------------------------------------------
-    def setup(self, model_info: dict) -> None:
+    def setup(self, model) -> None:
         """Restrict the target to self/joint layers matching ``applied_layers`` (and any explicit ``layers=``)."""
-        info = model_info.get(self.component or model_info["default_component"]) or {}
-        if model_info.get("kind") != "diffusers" or "kinds" not in info:
-            from attnkit.api import AttachError
-
-            raise AttachError("pag: needs a diffusers pipeline or denoiser (UNet, SD3, Flux, PixArt, DiT), got "
-                              f"{model_info.get('model_type')}")
-        names, kinds = info["names"], info["kinds"]
+        component = model.component(self.component)
+        names, kinds = component.names, component.kinds
         if self.applied_layers is None:
             layers = [i for i, k in enumerate(kinds) if k in PERTURBABLE_KINDS]
         else:
@@ -188,9 +184,9 @@ class PerturbedAttentionGuidance(Intervention):
         self.target = Target(layers=layers or [], heads=self.target.heads, modules=self.target.modules)
 
     def install(self, handle) -> list:
-        self._handle, self._pipe = handle, pipeline_of(handle.target_object)
+        self._handle, self._pipe = handle, pipeline_of(handle.model)
         hooks = []
-        for denoiser in denoisers_of(handle.target_object):
+        for denoiser in denoisers_of(handle.model):
             hooks.append(denoiser.register_forward_pre_hook(self._add_branch, with_kwargs=True))
             hooks.append(denoiser.register_forward_hook(self._fold_branch, with_kwargs=True))
         return hooks

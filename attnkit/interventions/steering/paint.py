@@ -53,6 +53,7 @@ def tukey_outlier_count(x: torch.Tensor) -> torch.Tensor:
 @register_intervention
 class Paint(Intervention):
     name = "paint"
+    requires = frozenset({"image_tokens", "vision_tower"})
     description = "PAINT: boost local (+α|z|) and summary (+β|z|) image tokens in the last query row"
 
     def __init__(self, alpha: float = 0.7, beta: float = 0.3, local_ratio: float = 0.25, **target):
@@ -62,17 +63,17 @@ class Paint(Intervention):
         self._cls: ClsAttention | None = None
         self._sets: tuple[int, dict] | None = None
 
-    def setup(self, model_info: dict) -> None:
+    def setup(self, model) -> None:
         if self.target.layers is None:
-            n = model_info["text"]["num_layers"]
+            n = model.component("text").num_layers
             self.target = Target(layers=list(range(min(2, n - 1), n)), heads=self.target.heads,
                                  modules=self.target.modules)
 
     def install(self, handle) -> list:
         self._handle = handle
-        n = len(vision_layers(handle.target_object))
-        self._cls = ClsAttention(handle.target_object, layers=sorted({0, max(n - 2, 0)}))
-        self._strategy = getattr(handle.target_object.config, "vision_feature_select_strategy", "default")
+        n = len(vision_layers(handle.model))
+        self._cls = ClsAttention(handle.model, layers=sorted({0, max(n - 2, 0)}))
+        self._strategy = getattr(handle.model.config, "vision_feature_select_strategy", "default")
         return self._cls.install()
 
     def token_sets(self) -> dict[str, torch.Tensor]:

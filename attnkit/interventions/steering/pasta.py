@@ -51,6 +51,7 @@ def pasta_key_bias(span: torch.Tensor, prompt: torch.Tensor, alpha: float, mode:
 @register_intervention
 class Pasta(Intervention):
     name = "pasta"
+    requires = frozenset({"text_decoder", "span:emphasis"})
     description = "PASTA: down-weight attention to prompt tokens outside the user span by alpha in chosen heads"
 
     def __init__(self, alpha: float = 0.01, span: str = "emphasis", scale_position: str = "exclude", **target):

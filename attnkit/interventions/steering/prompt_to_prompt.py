@@ -266,6 +266,7 @@ def char_tokenizer(max_len: int = 32):
 @register_intervention
 class PromptToPrompt(Intervention):
     name = "prompt-to-prompt"
+    requires = frozenset({"denoiser"})
     description = "Prompt-to-Prompt: inject the source prompt's cross-attention maps into target prompts"
 
     def __init__(self, edit: str = "replace", prompts: list | None = None,
@@ -293,15 +294,9 @@ class PromptToPrompt(Intervention):
         self._warn = WarnOnce()
 
     # ---- planning -------------------------------------------------------------------------------------------------
-    def setup(self, model_info: dict) -> None:
+    def setup(self, model) -> None:
         """Target cross-attention layers, plus self-attention layers when a self-replace window is set."""
-        info = model_info.get(self.component or model_info["default_component"]) or {}
-        if model_info.get("kind") != "diffusers" or "kinds" not in info:
-            from attnkit.api import AttachError
-
-            raise AttachError("prompt-to-prompt: needs a diffusers pipeline or denoiser (UNet, SD3, Flux, PixArt, DiT), "
-                              f"got {model_info.get('model_type')}")
-        kinds = list(info["kinds"])
+        kinds = list(model.component(self.component).kinds)
         self._kinds = kinds
         wanted = ("cross", "self") if _window(self.self_replace_steps)[1] > _window(self.self_replace_steps)[0] \
             else ("cross",)
@@ -312,13 +307,13 @@ class PromptToPrompt(Intervention):
         self.target = Target(layers=layers or [], heads=self.target.heads, modules=self.target.modules)
 
     def install(self, handle) -> list:
-        self._pipe = pipeline_of(handle.target_object)
+        self._pipe = pipeline_of(handle.model)
         self._calls = 0
         if self._tokenizer is None and self._pipe is not None:
             self._tokenizer = getattr(self._pipe, "tokenizer", None)
         if self.prompts is not None:
             self.set_prompts(self.prompts)
-        denoisers = denoisers_of(handle.target_object)
+        denoisers = denoisers_of(handle.model)
         return [d.register_forward_pre_hook(self._locate_step, with_kwargs=True) for d in denoisers]
 
     def set_prompts(self, prompts: list[str], tokenizer=None) -> None:

@@ -76,6 +76,7 @@ def text_only_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
 @register_intervention
 class VHR(Intervention):
     name = "vhr"
+    requires = frozenset({"text_decoder", "image_tokens"})
     description = "VHR: multiply the outputs of vision-aware heads (VHD > median) by alpha"
 
     def __init__(self, alpha: float = 2.0, select: str = "vhd", outlier_removal: bool = True, **target):
@@ -89,9 +90,9 @@ class VHR(Intervention):
         #: per layer, the ``[B, H]`` heads reinforced for the current sequence (select="vhd")
         self.selected: dict[int, torch.Tensor] = {}
 
-    def setup(self, model_info: dict) -> None:
+    def setup(self, model) -> None:
         if self.target.layers is None and self.select == "vhd":  # paper: layer 1 plus the last 14 of 32
-            n = model_info["text"]["num_layers"]
+            n = model.component("text").num_layers
             last = max(1, round(n * 14 / 32))
             layers = sorted({min(1, n - 1), *range(n - last, n)})
             self.target = Target(layers=layers, heads=self.target.heads, modules=self.target.modules)
@@ -100,8 +101,8 @@ class VHR(Intervention):
         self._handle = handle
         if self.select != "vhd":
             return []
-        hooks = [handle.target_object.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
-        sites = [s for s in handle.adapter.sites if s.component == "text"]
+        hooks = [handle.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
+        sites = handle.sites("text")
         for site in sites:
             proj = getattr(site.module, "o_proj", None)
             if proj is None:
@@ -122,7 +123,7 @@ class VHR(Intervention):
         if self._in_text_pass or not handle.enabled or not handle.tracker.last_was_prefill:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
-        image_id = handle.model_info.get("image_token_id")
+        image_id = handle.description.image_token_id
         if ids is None or image_id is None:
             raise ValueError("vhr: select='vhd' needs input_ids with image tokens (and config.image_token_id)")
         text_ids, text_mask = text_only_inputs(ids, kwargs.get("attention_mask"), image_id)
