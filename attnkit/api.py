@@ -23,8 +23,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from typing import Any, Iterable
+
+import torch
 
 from attnkit.capture import Capture
 from attnkit.interventions.base import Intervention, mark_running, release_running
@@ -81,6 +84,14 @@ class Handle:
         self._extra_hooks: list = []
         self._warned: set[str] = set()
 
+    def __deepcopy__(self, memo):
+        """Hooks of a deep-copied model may reference this handle: the copy is a removed, inert handle."""
+        inert = type(self).__new__(type(self))
+        inert.adapter = copy.deepcopy(self.adapter, memo)
+        inert.interventions, inert.requested_backend, inert.name = [], self.requested_backend, self.name
+        inert.enabled, inert.removed, inert._planned, inert._extra_hooks, inert._warned = False, True, [], [], set()
+        return inert
+
     # ---- what interventions use -----------------------------------------------------------------------------
     @property
     def model(self):
@@ -101,8 +112,8 @@ class Handle:
 
     @property
     def active(self) -> bool:
-        """True while attached and not inside :meth:`disabled`."""
-        return self.enabled and not self.removed
+        """True while attached, outside :meth:`disabled` and outside :meth:`detached` calls."""
+        return self.enabled and not self.removed and not self.adapter._detached
 
     def sites(self, component: str | None = None) -> list:
         """The attention sites of ``component`` (default: every component), in layer order."""
@@ -111,6 +122,18 @@ class Handle:
     def detached(self):
         """Context manager: calls inside run the stock model and are not tracked (a method's own extra pass)."""
         return self.adapter.detached()
+
+    def hook(self, module: torch.nn.Module, fn, *, pre: bool = False, with_kwargs: bool = False,
+             always: bool = False):
+        """Register ``fn`` as a forward (``pre=True``: pre-) hook on ``module`` for an intervention's work outside
+        attention; return it from :meth:`~attnkit.Intervention.install` so ``remove()`` removes it.
+
+        It runs only while this handle is :attr:`active` (``always=True``: also while disabled, e.g. to notice
+        sequences that run without the method), and never in a deep copy of the model."""
+        guarded = _GuardedHook(self, fn, always)
+        if pre:
+            return module.register_forward_pre_hook(guarded, with_kwargs=with_kwargs)
+        return module.register_forward_hook(guarded, with_kwargs=with_kwargs)
 
     def intervention(self, name: str) -> Intervention:
         """This handle's intervention named ``name``."""
@@ -232,6 +255,26 @@ class Handle:
     def __repr__(self) -> str:
         state = "removed" if self.removed else ("disabled" if not self.enabled else "active")
         return f"<attnkit.Handle {self.name!r} on {type(self.model).__name__}: {len(self._planned)} modules, {state}>"
+
+
+class _GuardedHook:
+    """A hook that runs only while its handle is active (see :meth:`Handle.hook`); deep copies are inert."""
+
+    def __init__(self, handle: Handle, fn, always: bool):
+        self.handle, self.fn, self.always = handle, fn, always
+
+    def __call__(self, *args):
+        handle = self.handle
+        if handle.removed or (not self.always and not handle.active):
+            return None
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo):
+        return _inert_hook
+
+
+def _inert_hook(*args):
+    return None
 
 
 def attach(model_or_pipeline, recipe: Any = (), backend: str = "auto") -> Handle:

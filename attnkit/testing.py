@@ -101,11 +101,19 @@ def tiny_vlm(family: str = "llava", seed: int = 0, attn_implementation: str = "s
 
 
 def vlm_inputs(family: str, model, batch: int = 2, text_len: int = 6, seed: int = 0, left_pad: int = 0) -> dict:
-    """Inputs with image placeholders expanded as the family's processor would do (random pixels)."""
+    """Inputs with image placeholders expanded as the family's processor would do (random pixels).
+
+    ``left_pad``: sample ``b`` gets ``max(left_pad - b, 0)`` padding tokens on the left and a text that much
+    shorter, so every sample is padded differently (the first the most) and the batch stays rectangular.
+
+    Example:
+        >>> inputs = vlm_inputs("llava", tiny_vlm("llava"), batch=3, left_pad=2)
+        >>> (inputs["attention_mask"] == 0).sum(1).tolist()
+        [2, 1, 0]
+    """
     g = torch.Generator().manual_seed(seed)
     config = model.config
     image_id = config.image_token_id
-    text_ids = lambda n: torch.randint(3, 100, (batch, n), generator=g)  # noqa: E731
     inputs: dict = {}
     if family == "llava":
         n_img = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
@@ -125,20 +133,76 @@ def vlm_inputs(family: str, model, batch: int = 2, text_len: int = 6, seed: int 
         inputs["pixel_attention_mask"] = torch.ones(batch, 1, 32, 32, dtype=torch.bool)
     else:
         raise KeyError(family)
-    prefix, suffix = text_ids(2), text_ids(text_len)
-    image = torch.full((batch, n_img), image_id)
-    ids = torch.cat([prefix, image, suffix], dim=1)
-    mask = torch.ones_like(ids)
-    if left_pad:
-        pad = torch.zeros(batch, left_pad, dtype=ids.dtype)
-        mask = torch.cat([torch.zeros_like(pad), mask], 1)
-        ids = torch.cat([pad, ids], 1)
-        mask[0, left_pad:] = 1
-        mask[1:, : left_pad] = 0
+    rows, masks = [], []
+    for b in range(batch):
+        pads = max(left_pad - b, 0)
+        text = torch.randint(3, 100, (2 + text_len + left_pad - pads,), generator=g)  # [2 + suffix]
+        row = torch.cat([torch.zeros(pads, dtype=torch.long), text[:2], torch.full((n_img,), image_id), text[2:]])
+        rows.append(row)
+        masks.append((torch.arange(row.numel()) >= pads).long())
+    ids, mask = torch.stack(rows), torch.stack(masks)  # [B, N]
     inputs.update(input_ids=ids, attention_mask=mask)
     if family == "qwen2_vl":
         inputs["mm_token_type_ids"] = (ids == image_id).long()
     return inputs
+
+
+#: inputs that are padded on the left with the tokens; every other tensor input is concatenated along the batch
+_TOKEN_ALIGNED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def stack_left_padded(samples: list[dict], fully_padded: bool = False) -> dict:
+    """Stack single-sample inputs into one batch, padding token-aligned tensors on the left with 0 (mask 0).
+
+    ``fully_padded`` appends a copy of the first sample whose attention mask is all 0 (a row with no real token).
+
+    Example:
+        >>> a = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+        >>> b = {"input_ids": torch.tensor([[8]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+        >>> batch = stack_left_padded([a, b], fully_padded=True)
+        >>> batch["input_ids"].tolist(), batch["attention_mask"].tolist()
+        ([[5, 6, 7], [0, 0, 8], [5, 6, 7]], [[1, 1, 1], [0, 0, 1], [0, 0, 0]])
+    """
+    rows = list(samples)
+    if fully_padded:
+        rows.append({**samples[0], "attention_mask": torch.zeros_like(samples[0]["attention_mask"])})
+    width = max(x["input_ids"].shape[1] for x in rows)
+    batch = {}
+    for key in rows[0]:
+        values = [x[key] for x in rows]
+        if key in _TOKEN_ALIGNED:  # [1, N] -> [1, width], zeros on the left
+            batch[key] = torch.cat([torch.cat([torch.zeros(1, width - v.shape[1], dtype=v.dtype), v], 1)
+                                    for v in values])
+        elif isinstance(values[0], torch.Tensor):
+            batch[key] = torch.cat(values)
+        else:
+            batch[key] = values[0]
+    return batch
+
+
+def padded_batch(family: str, model, lengths=(7, 5, 3), seed: int = 0,
+                 fully_padded: bool = True) -> tuple[dict, list[dict]]:
+    """A left-padded batch of ``family`` inputs whose samples are all padded differently (text lengths
+    ``lengths``), plus one fully padded row, and the samples alone (unpadded) to compare with.
+
+    Text families get random token ids; vision-language families one random image per sample
+    (:func:`vlm_inputs`). The fully padded row, when asked for, is the last row of the batch.
+
+    Example:
+        >>> batch, samples = padded_batch("llama", tiny_causal_lm("llama"))
+        >>> (batch["attention_mask"] == 0).sum(1).tolist(), [s["input_ids"].shape[1] for s in samples]
+        ([0, 2, 4, 7], [7, 5, 3])
+    """
+    g = torch.Generator().manual_seed(seed)
+    if family in VISION_FAMILIES:
+        samples = [vlm_inputs(family, model, batch=1, text_len=n, seed=seed + b) for b, n in enumerate(lengths)]
+    else:
+        vocab = model.config.get_text_config().vocab_size
+        samples = []
+        for n in lengths:
+            ids = torch.randint(3, min(vocab, 100), (1, n), generator=g)
+            samples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return stack_left_padded(samples, fully_padded=fully_padded), samples
 
 
 def left_padded_llava_batch(model, text_lens=(6, 3), seeds=(0, 1)) -> tuple[dict, list[dict]]:

@@ -145,7 +145,7 @@ def describe(obj, sites: list[Site]) -> ModelDescription:
 
     first = sites[0]
     kinds = tuple(s.kind for s in sites)
-    features = {"denoiser"}
+    features = {"denoiser"} | ({"pipeline"} if isinstance(obj, DiffusionPipeline) else set())
     if "cross" in kinds:
         features.add("cross_attention")
     if "joint" in kinds:
@@ -207,7 +207,7 @@ class DiffusersAdapter:
     def __deepcopy__(self, memo):
         """A deep copy of an attached pipeline gets inert step-counting hooks."""
         inert = type(self).__new__(type(self))
-        inert.handle, inert._detached = None, 0
+        inert.handle, inert._detached, inert.sites, inert.captures, inert.description = None, 0, [], [], None
         return inert
 
     def describe_owner(self) -> str:

@@ -190,6 +190,9 @@ def describe(model, sites: list[Site]) -> ModelDescription:
         features.add("image_tokens")
     if "vision" in components:
         features.add("vision_tower")
+        vision_type = getattr(getattr(config, "vision_config", None), "model_type", None)
+        if config.model_type == "llava" and vision_type == "clip_vision_model":
+            features.add("clip_cls_tower")
     return ModelDescription(
         framework="transformers", model_type=str(getattr(config, "model_type", "")), class_name=type(model).__name__,
         components=components, default_component="text", features=frozenset(features), config=config,
@@ -280,6 +283,7 @@ class TransformersAdapter:
         """A deep copy of an attached model gets inert tracking hooks (and its modules fall through to stock)."""
         inert = type(self).__new__(type(self))
         inert.handle, inert._detached, inert._observed_by_outer = None, 0, False
+        inert.tracker, inert.sites, inert.captures, inert.description = None, [], [], None
         return inert
 
     # ---- tracking -------------------------------------------------------------------------------------------------

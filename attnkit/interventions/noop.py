@@ -18,6 +18,7 @@ from attnkit.interventions.base import HOOKS, Intervention, register_interventio
 @register_intervention
 class Noop(Intervention):
     name = "noop"
+    conformance = {"neutral": {"hooks": ("query_scale", "edit_output")}, "active": {"hooks": ("query_scale", "edit_output")}}
     description = "identity intervention used to check that attaching changes nothing"
 
     def __init__(self, hooks=("edit_output",), **target):

@@ -24,6 +24,7 @@ from attnkit.interventions.base import Intervention, register_intervention
 @register_intervention
 class HeadTemperature(Intervention):
     name = "head-temperature"
+    conformance = {"neutral": {"temperature": 1.0}, "active": {"temperature": 0.8, "log_length_base": 4}}
     requires = frozenset({"text_decoder"})
     description = "divide each target head's attention scores by a temperature"
 

@@ -131,7 +131,7 @@ class TokenDropper:
         self.last_counts: tuple[list[int], list[int]] | None = None
 
     def install(self) -> list:
-        hooks = [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
+        hooks = [self.handle.hook(layer, self._make_hook(i), pre=True, with_kwargs=True)
                  for i, layer in enumerate(self.layers) if i >= self.start]
         # spans read by methods stacked in layers ≥ start follow the kept tokens' original positions
         layers = range(self.start, len(self.layers))
@@ -156,7 +156,7 @@ class TokenDropper:
     # ---- the hook ---------------------------------------------------------------------------------------------
     def _make_hook(self, layer_idx: int):
         def hook(module, args, kwargs):
-            if not self.handle.enabled or self.handle.removed:
+            if not self.handle.active:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             tracker = self.handle.tracker

@@ -48,12 +48,17 @@ class ClsAttention:
         self.rows: dict[int, torch.Tensor] = {}  # layer -> [B, H, P+1] (or [B, P+1] merged)
         self._q: dict[int, torch.Tensor] = {}
 
-    def install(self) -> list:
+    def install(self, handle=None) -> list:
+        """Hook the chosen layers; with a ``handle`` the hooks are the handle's (inactive while it is disabled,
+        inert in a deep copy of the model)."""
+        def register(module, fn):
+            return handle.hook(module, fn) if handle is not None else module.register_forward_hook(fn)
+
         hooks = []
         for i in self.layers:
             mod = self.modules[i]
-            hooks.append(mod.q_proj.register_forward_hook(self._keep_query(i)))
-            hooks.append(mod.k_proj.register_forward_hook(self._score(i, mod)))
+            hooks.append(register(mod.q_proj, self._keep_query(i)))
+            hooks.append(register(mod.k_proj, self._score(i, mod)))
         return hooks
 
     def _keep_query(self, i):
@@ -86,6 +91,7 @@ class ClsAttention:
 
 def image_token_scores(patch_scores: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
     """Scatter per-patch scores ``[B, P]`` onto the image-token positions ``image_mask [B, N]`` → ``[B, N]``.
+    A sample with no (real) image token — e.g. a fully padded row — gets all zeros.
 
     Example:
         >>> image_token_scores(torch.tensor([[0.4, 0.5]]), torch.tensor([[False, True, True, False]])).tolist()
@@ -94,6 +100,8 @@ def image_token_scores(patch_scores: torch.Tensor, image_mask: torch.Tensor) -> 
     out = torch.zeros(image_mask.shape, dtype=torch.float32)
     for b in range(image_mask.shape[0]):
         idx = image_mask[b].nonzero().flatten()
+        if len(idx) == 0:
+            continue
         if len(idx) != patch_scores.shape[1]:
             raise ValueError(f"sample {b} has {len(idx)} image tokens but the vision tower gave "
                              f"{patch_scores.shape[1]} patches; one un-cropped image per sample is supported")

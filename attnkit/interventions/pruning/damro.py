@@ -147,7 +147,8 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 @register_intervention
 class Damro(Intervention):
     name = "damro"
-    requires = frozenset({"causal_lm", "image_tokens", "vision_tower"})
+    conformance = {"neutral": {"alpha": 0.0, "beta": 0.0}, "active": {"alpha": 2.0, "k": 2}}
+    requires = frozenset({"causal_lm", "image_tokens", "clip_cls_tower"})
     description = "DAMRO: contrastive decoding against the k ViT [CLS]-attention outlier tokens"
 
     def __init__(self, alpha: float = 2.0, k: int = 10, beta: float = 0.1, vision_layer: int | None = None,
@@ -206,10 +207,10 @@ class Damro(Intervention):
             raise ValueError(f"damro: {type(model).__name__} lacks a text decoder, an output embedding or an "
                              "image token id; LLaVA-style models are supported")
         self._call, self._state = None, None
-        return self._cls.install() + [
-            model.register_forward_pre_hook(self._pre_outer, with_kwargs=True),
-            self._text.register_forward_pre_hook(self._pre_text, with_kwargs=True),
-            model.register_forward_hook(self._post_outer, with_kwargs=True),
+        return self._cls.install(handle) + [
+            handle.hook(model, self._pre_outer, pre=True, with_kwargs=True, always=True),
+            handle.hook(self._text, self._pre_text, pre=True, with_kwargs=True, always=True),
+            handle.hook(model, self._post_outer, with_kwargs=True, always=True),
         ]
 
     # ---- hooks -------------------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ class Damro(Intervention):
         handle = self._handle
         if self._busy or call is None:
             return None
-        if not handle.enabled or handle.removed:
+        if not handle.active:
             if call["prefill"]:
                 self._state = None  # a sequence run without DAMRO: later decode steps are left alone too
             return None

@@ -57,6 +57,10 @@ def fastv_scores(probs: torch.Tensor, query_real: torch.Tensor | None = None) ->
 @register_intervention
 class FastV(Intervention):
     name = "fastv"
+    conformance = {
+        "neutral": {"ratio": 0.0, "k": 1}, "active": {"ratio": 0.5, "k": 1},
+        "not_applicable": {"generate": "image tokens are ranked and dropped once, at the prefill; recomputing ranks "
+                                       "them again from the newest query"}}
     requires = frozenset({"text_decoder", "image_tokens"})
     description = "FastV: drop the least-attended image tokens after layer K (real shorter sequence)"
 
@@ -157,7 +161,7 @@ class _PrefillOnly:
 
         self.handle, self.capture = handle, capture
         model = text_model_of(handle.model) or handle.model
-        self._hook = model.register_forward_pre_hook(self._pre)
+        self._hook = handle.hook(model, self._pre, pre=True)
 
     def _pre(self, module, args):
         self.capture.active = self.handle.tracker.last_was_prefill

@@ -46,6 +46,9 @@ def streaming_allowed(real: torch.Tensor, q_len: int, sinks: int, window: int) -
 @register_intervention
 class KVRetention(Intervention):
     name = "kv-retention"
+    conformance = {
+        "neutral": {"window": 100_000}, "active": {"sinks": 1, "window": 3, "retrieval_heads": {0: [0]}},
+        "not_applicable": {"generate": "a KV-cache policy: the evicting cache is the method, recomputation has none"}}
     requires = frozenset({"text_decoder"})
     description = "full KV cache for retrieval heads, sink + window for the others (per KV head)"
 

@@ -22,6 +22,7 @@ from attnkit.interventions.pruning.fastv import FastV
 @register_intervention
 class VisualExit(FastV):
     name = "visual-exit"
+    conformance = {"neutral": None, "active": {"k": 1}}
     description = "drop all image tokens from layer K on"
 
     def __init__(self, k: int = 2, mode: str = "drop", span: str = "image", **target):

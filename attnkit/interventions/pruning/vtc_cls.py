@@ -33,7 +33,8 @@ from attnkit.targets import Target
 @register_intervention
 class VTCCLS(Intervention):
     name = "vtc-cls"
-    requires = frozenset({"image_tokens", "vision_tower"})
+    conformance = {"neutral": {"keep": 10_000}, "active": {"keep": 4}}
+    requires = frozenset({"image_tokens", "clip_cls_tower"})
     description = "VTC-CLS: keep the top-U image tokens by the vision [CLS] attention (layer ensemble)"
 
     def __init__(self, keep: int = 36, start_layer: int = -2, positions: str = "contiguous", **target):
@@ -56,7 +57,7 @@ class VTCCLS(Intervention):
         self._cls = ClsAttention(model, layers=list(range(start, max(start + 1, n - 1))))
         self._strategy = getattr(model.config, "vision_feature_select_strategy", "default")
         self._dropper = TokenDropper(handle, 0, self.select, positions=self.positions)
-        return self._cls.install() + self._dropper.install()
+        return self._cls.install(handle) + self._dropper.install()
 
     def select(self, hidden=None) -> torch.Tensor | None:
         tracker = self._handle.tracker

@@ -57,6 +57,10 @@ def act_factors(mass: torch.Tensor, sink_groups: torch.Tensor, beta: float) -> t
 @register_intervention
 class ACT(Intervention):
     name = "act"
+    conformance = {
+        "neutral": {"beta": 1.0}, "active": {"beta": 0.4, "alpha": 1.5},
+        "not_applicable": {"generate": "sinks are detected at the prefill and kept for the decode steps (the released "
+                                       "code's KV-cache behaviour): recomputing from scratch detects them again"}}
     requires = frozenset({"text_decoder"})
     description = "Attention Calibration Technique: scale hidden attention sinks by beta, give the mass back"
 

@@ -76,6 +76,9 @@ def find_inv_freq(model) -> torch.Tensor | None:
 @register_intervention
 class StreamingLLM(Intervention):
     name = "streaming-llm"
+    conformance = {
+        "neutral": {"window": 100_000}, "active": {"num_sinks": 1, "window": 3},
+        "not_applicable": {"generate": "a KV-cache policy: the evicting cache is the method, recomputation has none"}}
     requires = frozenset({"text_decoder", "rope"})
     description = "StreamingLLM: keep attention-sink tokens plus a recent window in the KV cache"
     exclusive = "kv-cache"
@@ -91,22 +94,34 @@ class StreamingLLM(Intervention):
         self._real: torch.Tensor | None = None  # [B, L] real (not padding) cached keys
         self.max_cache_seen = 0  # largest cache length left between calls (for tests / reports)
 
+    def setup(self, model) -> None:
+        """Refuse what re-rotating an evicting cache cannot handle: multi-axis or dynamic RoPE, sliding windows."""
+        config = model.text_config
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        kinds = {rope.get("rope_type"), rope.get("type")} if isinstance(rope, dict) else set()
+        if isinstance(rope, dict) and "mrope_section" in rope:
+            kinds.add("mrope")
+        if kinds & {"dynamic", "mrope"}:
+            raise ValueError(f"streaming-llm: rope type {sorted(kinds & {'dynamic', 'mrope'})[0]!r} is not "
+                             "supported (positions would be re-rotated along one axis only)")
+        layer_types = getattr(config, "layer_types", None) or []
+        if "sliding_attention" in layer_types or (not layer_types and getattr(config, "sliding_window", None)):
+            raise ValueError("streaming-llm: this model has sliding-window layers, whose cache already evicts; "
+                             "the sink + window policy is not supported on them")
+
     def install(self, handle) -> list:
         model = handle.model
         self._inv_freq = find_inv_freq(model)
         if self._inv_freq is None:
             raise ValueError(f"streaming-llm needs a RoPE model; {type(model).__name__} has no rotary embedding "
                              "(absolute/ALiBi positions: only eviction would apply, which attnkit does not offer)")
-        rope = getattr(model.config.get_text_config(decoder=True), "rope_scaling", None) or {}
-        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "mrope"):
-            raise ValueError(f"streaming-llm: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
         self._handle = handle
-        return [model.register_forward_pre_hook(self._pre, with_kwargs=True),
-                model.register_forward_hook(self._post, with_kwargs=True)]
+        return [handle.hook(model, self._pre, pre=True, with_kwargs=True),
+                handle.hook(model, self._post, with_kwargs=True)]
 
     # ---- before each call: positions = cache slots ---------------------------------------------------------------
     def _pre(self, module, args, kwargs):
-        if not self._handle.enabled:
+        if not self._handle.active:
             return None
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         embeds = kwargs.get("inputs_embeds")
@@ -139,7 +154,7 @@ class StreamingLLM(Intervention):
     # ---- after each call: evict and re-rotate ----------------------------------------------------------------------
     def _post(self, module, args, kwargs, output):
         cache = output_cache(output)
-        if not self._handle.enabled or cache is None or self._pos is None:
+        if not self._handle.active or cache is None or self._pos is None:
             return None
         length = cache.get_seq_length()
         if length != self._pos.shape[1]:

@@ -70,6 +70,7 @@ def var_factors(mass: torch.Tensor, p: float, rho: float, min_image_mass: float 
 @register_intervention
 class VAR(Intervention):
     name = "var"
+    conformance = {"neutral": {"p": 0.0}, "active": {"p": 0.6, "first_layer": 0, "except_last_layer": False}}
     requires = frozenset({"text_decoder", "image_tokens"})
     description = "Visual Attention Redistribution: recycle sink attention to non-sink image tokens"
 
@@ -107,7 +108,7 @@ class VAR(Intervention):
         if decoder is None:
             raise ValueError("var: could not find the decoder layers of this model to read hidden states")
         self._handle = handle
-        return [layer.register_forward_pre_hook(self._make_hook(i), with_kwargs=True)
+        return [handle.hook(layer, self._make_hook(i), pre=True, with_kwargs=True)
                 for i, layer in enumerate(decoder.layers)]
 
     def _sink_layer(self, layer: int) -> bool:
@@ -117,7 +118,7 @@ class VAR(Intervention):
     def _make_hook(self, layer: int):
         def hook(module, args, kwargs):
             handle, tracker = self._handle, self._handle.tracker
-            if not handle.enabled or not tracker.last_was_prefill or tracker.ids is None:
+            if not handle.active or not tracker.last_was_prefill or tracker.ids is None:
                 return None
             hidden = kwargs.get("hidden_states", args[0] if args else None)  # [B, N, D]
             if hidden is None or not self._sink_layer(layer):

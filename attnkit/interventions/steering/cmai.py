@@ -58,6 +58,7 @@ def inhibited_pairs(focus: torch.Tensor, image: torch.Tensor, keep: torch.Tensor
 @register_intervention
 class CMAI(Intervention):
     name = "cmai"
+    conformance = {"neutral": {"keep_ratio": 1.0}, "active": {"keep_ratio": 0.5}}
     requires = frozenset({"text_decoder", "image_tokens"})
     description = "CMAI: inhibit text→image attention pairs with a low text-aggregated focus score"
 

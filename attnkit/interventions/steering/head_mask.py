@@ -31,6 +31,7 @@ from attnkit.interventions.base import Intervention, register_intervention
 @register_intervention
 class HeadMask(Intervention):
     name = "head-mask"
+    conformance = {"neutral": None, "active": {"decode_only": False, "heads": {0: [1]}}}
     requires = frozenset({"text_decoder"})
     description = "block heads: zero pre-softmax logits (uniform attention), on decode steps by default"
 

@@ -148,6 +148,7 @@ def fold_guidance(cond: torch.Tensor, perturbed: torch.Tensor, pag_scale: float,
 @register_intervention
 class PerturbedAttentionGuidance(Intervention):
     name = "pag"
+    conformance = {"neutral": {"scale": 0.0, "applied_layers": None}, "active": {"scale": 3.0, "applied_layers": None}}
     requires = frozenset({"denoiser"})
     description = "Perturbed-attention guidance: identity self-attention in a perturbed branch, combined with CFG"
 
@@ -187,8 +188,8 @@ class PerturbedAttentionGuidance(Intervention):
         self._handle, self._pipe = handle, pipeline_of(handle.model)
         hooks = []
         for denoiser in denoisers_of(handle.model):
-            hooks.append(denoiser.register_forward_pre_hook(self._add_branch, with_kwargs=True))
-            hooks.append(denoiser.register_forward_hook(self._fold_branch, with_kwargs=True))
+            hooks.append(handle.hook(denoiser, self._add_branch, pre=True, with_kwargs=True))
+            hooks.append(handle.hook(denoiser, self._fold_branch, with_kwargs=True))
         return hooks
 
     # ---- guidance settings for one call -------------------------------------------------------------------------
@@ -218,7 +219,7 @@ class PerturbedAttentionGuidance(Intervention):
         """Forward pre-hook: append a copy of the conditional rows (the perturbed branch)."""
         self._branch = None
         handle = self._handle
-        if handle is None or not handle.enabled or handle.removed:
+        if handle is None or not handle.active:
             return None
         batch = batch_size_of(args, kwargs)
         s = pag_scale_at(self.scale, self.adaptive_scale, timestep_of(args, kwargs))

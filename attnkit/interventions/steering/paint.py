@@ -53,7 +53,8 @@ def tukey_outlier_count(x: torch.Tensor) -> torch.Tensor:
 @register_intervention
 class Paint(Intervention):
     name = "paint"
-    requires = frozenset({"image_tokens", "vision_tower"})
+    conformance = {"neutral": {"alpha": 0.0, "beta": 0.0}, "active": {}}
+    requires = frozenset({"image_tokens", "clip_cls_tower"})
     description = "PAINT: boost local (+α|z|) and summary (+β|z|) image tokens in the last query row"
 
     def __init__(self, alpha: float = 0.7, beta: float = 0.3, local_ratio: float = 0.25, **target):
@@ -74,7 +75,7 @@ class Paint(Intervention):
         n = len(vision_layers(handle.model))
         self._cls = ClsAttention(handle.model, layers=sorted({0, max(n - 2, 0)}))
         self._strategy = getattr(handle.model.config, "vision_feature_select_strategy", "default")
-        return self._cls.install()
+        return self._cls.install(handle)
 
     def token_sets(self) -> dict[str, torch.Tensor]:
         """``{"local", "summary"}`` bool ``[B, N]`` over the current prefill's tokens."""

@@ -51,6 +51,9 @@ def pasta_key_bias(span: torch.Tensor, prompt: torch.Tensor, alpha: float, mode:
 @register_intervention
 class Pasta(Intervention):
     name = "pasta"
+    conformance = {"neutral": {"alpha": 1.0}, "active": {"alpha": 0.01},
+                   "not_applicable": {"generate": "steers the prompt's keys (as the released hook does): generated "
+                                                  "tokens are not prompt tokens, but a recomputation sees them as prompt"}}
     requires = frozenset({"text_decoder", "span:emphasis"})
     description = "PASTA: down-weight attention to prompt tokens outside the user span by alpha in chosen heads"
 

@@ -266,6 +266,10 @@ def char_tokenizer(max_len: int = 32):
 @register_intervention
 class PromptToPrompt(Intervention):
     name = "prompt-to-prompt"
+    conformance = {
+        "neutral": {"prompts": ["a photo of a cat", "a dog on the grass"], "cross_replace_steps": 0.0},
+        "active": {"prompts": ["a photo of a cat", "a dog on the grass"]},
+        "families": ("sd-pipeline",), "families_reason": "needs the pipeline's tokenizer for its prompts"}
     requires = frozenset({"denoiser"})
     description = "Prompt-to-Prompt: inject the source prompt's cross-attention maps into target prompts"
 
@@ -314,7 +318,7 @@ class PromptToPrompt(Intervention):
         if self.prompts is not None:
             self.set_prompts(self.prompts)
         denoisers = denoisers_of(handle.model)
-        return [d.register_forward_pre_hook(self._locate_step, with_kwargs=True) for d in denoisers]
+        return [handle.hook(d, self._locate_step, pre=True, with_kwargs=True) for d in denoisers]
 
     def set_prompts(self, prompts: list[str], tokenizer=None) -> None:
         """Set (or change) ``[source, target, …]`` and build the token tables; call before running the pipeline."""

@@ -76,6 +76,9 @@ def text_only_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
 @register_intervention
 class VHR(Intervention):
     name = "vhr"
+    conformance = {"neutral": {"alpha": 1.0}, "active": {"alpha": 2.0},
+                   "not_applicable": {"generate": "heads are selected once per sequence, at the prefill; recomputing "
+                                                  "selects them again over the grown prompt"}}
     requires = frozenset({"text_decoder", "image_tokens"})
     description = "VHR: multiply the outputs of vision-aware heads (VHD > median) by alpha"
 
@@ -101,13 +104,13 @@ class VHR(Intervention):
         self._handle = handle
         if self.select != "vhd":
             return []
-        hooks = [handle.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
+        hooks = [handle.hook(handle.model, self._before_forward, pre=True, with_kwargs=True)]
         sites = handle.sites("text")
         for site in sites:
             proj = getattr(site.module, "o_proj", None)
             if proj is None:
                 raise ValueError(f"vhr: {site.qualname} has no o_proj; select='vhd' needs per-head outputs there")
-            hooks.append(proj.register_forward_pre_hook(self._recorder(site.layer, site.num_heads)))
+            hooks.append(handle.hook(proj, self._recorder(site.layer, site.num_heads), pre=True))
         return hooks
 
     # ---- the text-only pass ----------------------------------------------------------------------------------
@@ -120,7 +123,7 @@ class VHR(Intervention):
 
     def _before_forward(self, module, args, kwargs):
         handle = self._handle
-        if self._in_text_pass or not handle.enabled or not handle.tracker.last_was_prefill:
+        if self._in_text_pass or not handle.active or not handle.tracker.last_was_prefill:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         image_id = handle.description.image_token_id
