@@ -4,7 +4,9 @@ Haystack: the Paul Graham essays **sorted by file name** (the originals use unso
 and repeated until long enough. Insertion in model tokens: trim to L, reserve ``buffer`` tokens (default 200), cut
 the context so the needle fits, then insert at ``int(len(ctx) * depth / 100)`` moved back until the preceding token
 is a period token (depth 100 appends at the end). Score: ROUGE-1 recall × 100 of the reference span
-``"eat a sandwich and sit in Dolores Park on a sunny day"`` against the greedy answer (≤ 50 tokens, stop at newline).
+``"eat a sandwich and sit in Dolores Park on a sunny day"`` against the greedy answer (≤ 50 tokens, stop at newline),
+computed by ``rouge_score`` when it is installed (each record names the scorer in ``rouge``; see
+:mod:`attnkit.eval.metrics.rouge`).
 
 Example:
     >>> ids = insert_needle(list(range(10)) + [0] * 5, [99, 98], depth=50, context_length=12, buffer=0,
@@ -168,12 +170,12 @@ class NiahTask(Task):
         ids = insert_needle(self._hay, needle, example["depth"], example["context_length"],
                             p.get("buffer", 200), period_token_ids(tokenizer))
         prompt = build_prompt(tokenizer, tokenizer.decode(ids), QUESTION, p.get("prompt_style", "auto"))
-        from attnkit.eval.metrics.rouge import rouge1_recall
+        from attnkit.eval.metrics.rouge import rouge1_recall, rouge_backend
 
         answer = greedy_answer(model, tokenizer, prompt, p.get("max_new_tokens", 50))
         score = 100.0 * rouge1_recall(REFERENCE, answer)
         return {"context_length": example["context_length"], "depth": example["depth"],
-                "haystack_tokens": len(ids), "answer": answer, "score": score}
+                "haystack_tokens": len(ids), "answer": answer, "score": score, "rouge": rouge_backend()}
 
     def aggregate(self, records) -> dict:
         n = len(records)
