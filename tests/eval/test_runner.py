@@ -163,13 +163,21 @@ def test_cli_sigkill_then_resume(tiny_dir, tmp_path):
     assert "| slow_arm |" in done.stdout
 
 
-def test_accelerate_two_processes(tiny_dir, tmp_path, tiny_llama, byte_tok):
+LAUNCHERS = {  # the README's data-parallel commands, two CPU processes each
+    "accelerate": ["-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
+                   "--main_process_port", "29531", "--mixed_precision", "no", "--dynamo_backend", "no"],
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes(launcher, tiny_dir, tmp_path, tiny_llama, byte_tok):
     out = tmp_path / "dp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--multi_gpu", "--main_process_port", "29531", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "attnkit.eval",
+    cmd = [sys.executable, *LAUNCHERS[launcher], "-m", "attnkit.eval",
            *_cli(tiny_dir, out, ["baseline", "eval_arms:bias_arm"], 4, "--no-figures")[3:]]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "process 0/2 (rank/world)" in done.stderr and "process 1/2 (rank/world)" in done.stderr
     per_rank = {p.name: [json.loads(x) for x in p.read_text().splitlines()] for p in out.glob("results*.jsonl")}
     assert sorted(per_rank) == ["results.rank0.jsonl", "results.rank1.jsonl"]
     assert sorted(r["id"] for r in per_rank["results.rank0.jsonl"]) == ["0", "0", "2", "2"]
