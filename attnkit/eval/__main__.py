@@ -181,9 +181,11 @@ def _load(args, dtype, device):
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (2 for a user error, printed as one line)."""
+    from attnkit.recipes import RecipeError
+
     try:
         return _main(argv)
-    except EvalError as err:
+    except (EvalError, RecipeError, FileNotFoundError) as err:  # a user's mistake: one line, no traceback
         sys.stderr.write(f"{PROG}: error: {err}\n")
         return 2
 

@@ -125,7 +125,8 @@ def heatmap(records: Sequence[dict], title: str = "Needle in a haystack"):
     from matplotlib.figure import Figure
 
     lengths, depths, grid = accuracy_grid(records)
-    fig = Figure(figsize=(1.2 + 0.6 * len(lengths), 1.0 + 0.4 * len(depths)))
+    fig = Figure(figsize=(max(3.5, 1.2 + 0.6 * len(lengths)), max(2.5, 1.0 + 0.4 * len(depths))),
+                 layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], rotation=45)
@@ -134,7 +135,6 @@ def heatmap(records: Sequence[dict], title: str = "Needle in a haystack"):
     ax.set_ylabel("needle depth")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="ROUGE-1 recall ×100")
-    fig.tight_layout()
     return fig
 
 

@@ -439,8 +439,12 @@ class PopeTask(Task):
         if self._question_file() is not None:
             rows = load_questions(self._question_file())
         elif p.get("source") == "datasets":
-            rows, self._dataset = load_questions_dataset(p["dataset"], p.get("dataset_split"), split,
-                                                         p.get("dataset_config"), p.get("data_files"))
+            try:
+                rows, self._dataset = load_questions_dataset(p["dataset"], p.get("dataset_split"), split,
+                                                             p.get("dataset_config"), p.get("data_files"))
+            except (KeyError, ValueError, FileNotFoundError) as err:
+                message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+                raise EvalError(f"task {self.name!r}: {message}") from None
         else:
             rows = coco_questions(split, seed=p.get("seed", 0))
             image_dir = image_dir or data_path("coco_tiny", "val2017")
