@@ -106,7 +106,7 @@ def to_markdown(report: dict) -> str:
              f"Parameters: `{json.dumps(report['params'], default=str)}`.", "",
              *([f"> **Note:** {report['params']['note']}", ""] if report["params"].get("note") else []),
              "Better: " + "; ".join(f"{m} {better[m]}" for m in metrics) + ". Cells: value [95% bootstrap CI].",
-             "", "| arm | " + " | ".join(f"{m} {_arrow(better[m])}" for m in metrics) + " | s/example |",
+             "", "| arm | " + " | ".join(metrics) + " | s/example |",
              "|---" * (len(metrics) + 2) + "|"]
     for a in arms:
         cells = []

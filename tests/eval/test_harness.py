@@ -240,7 +240,7 @@ def test_descriptions_follow_overrides(tiny_llama, byte_tok, tmp_path):
     md = (tmp_path / "o" / "report.md").read_text()
     assert md.splitlines()[2].startswith(f"POPE (random negatives): questions from the file {qs}")
     assert rep["better"]["yes_ratio"] == "closer to 0.5" and rep["better"]["f1"] == "higher"
-    assert "yes_ratio closer to 0.5" in md and "yes_ratio →0.5" in md
+    assert "Better: f1 higher" in md and "yes_ratio closer to 0.5" in md
 
 
 # ------------------------------------------------------------------------------------------ progress, figures
