@@ -62,11 +62,36 @@ def _usable(device: str) -> bool:
     return kind == "cpu"
 
 
+def resolve_recipe(recipe):
+    """The validated :class:`~attnkit.recipes.Recipe` for a ``recipe=`` model argument (``None`` for none/baseline).
+
+    Raises :class:`~attnkit.eval.errors.EvalError` with the recipe loader's message (e.g. "did you mean …") so a
+    typo is reported before the model loads.
+
+    Example:
+        >>> resolve_recipe("noop").name, resolve_recipe("none")
+        ('noop', None)
+    """
+    if recipe in NO_RECIPE:
+        return None
+    import attnkit
+    from attnkit.eval.errors import EvalError
+
+    try:
+        return attnkit.load_recipe(recipe)
+    except (attnkit.RecipeError, KeyError, OSError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        raise EvalError(f"attnkit model argument recipe={recipe}: {message}") from None
+
+
 @register_model("attnkit")
 class AttnkitLM(HFLM):
     """``HFLM`` that attaches an attnkit recipe after loading (see the module docstring)."""
 
     def __init__(self, pretrained="smollm2", recipe: str | None = None, attn_backend: str = "auto", **kwargs):
+        self.recipe = None if recipe in NO_RECIPE else recipe
+        self.recipe_obj = resolve_recipe(recipe)  # a misspelled recipe fails here, before any model loads
+        self.attn_backend = attn_backend
         if isinstance(pretrained, str) and pretrained.lower() in SMOLLM2_NAMES:
             from attnkit.models import load_smollm2
 
@@ -77,13 +102,24 @@ class AttnkitLM(HFLM):
             kwargs.setdefault("tokenizer", tok)
             pretrained = model
         super().__init__(pretrained=pretrained, **kwargs)
-        self.recipe = None if recipe in NO_RECIPE else recipe
         self.handle = None
-        if self.recipe is not None:
+        if self.recipe_obj is not None:
             import attnkit
 
-            self.handle = attnkit.attach(self.model, self.recipe, backend=attn_backend)
+            self.handle = attnkit.attach(self.model, self.recipe_obj, backend=attn_backend)
             self._finalizer = weakref.finalize(self, self.handle.remove)
+
+    def get_model_info(self) -> dict:
+        """lm-eval's model info plus ``attnkit``: the recipe (name, source, YAML, sha256; ``None`` for the
+        baseline), whether it is attached, the backend and attnkit's version. lm-eval writes this into the results
+        JSON also when an ``AttnkitLM`` instance is passed to ``simple_evaluate`` (then ``model_args`` is empty)."""
+        from attnkit.eval.provenance import recipe_info, versions
+
+        info = super().get_model_info()
+        info["attnkit"] = {"recipe": recipe_info(self.recipe_obj) if self.recipe_obj is not None else None,
+                           "attached": self.handle is not None, "attn_backend": self.attn_backend,
+                           "version": versions()["attnkit"]}
+        return info
 
     def detach(self) -> None:
         """Remove the recipe now; the model is the stock model again."""

@@ -48,7 +48,7 @@ def task_dir(tmp_path_factory):
     return d
 
 
-def _evaluate(model, model_args, task_dir):
+def _evaluate(model, model_args, task_dir, config=None):
     from lm_eval.tasks import TaskManager
 
     res = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["attnkit_tiny_mc"],
@@ -56,7 +56,21 @@ def _evaluate(model, model_args, task_dir):
                                   log_samples=True,
                                   bootstrap_iters=0)
     lls = [r[0][0] for s in res["samples"]["attnkit_tiny_mc"] for r in s["resps"]]
+    if config is not None:
+        config.update(res["config"])
     return res["results"]["attnkit_tiny_mc"]["acc,none"], lls
+
+
+def test_misspelled_recipe_fails_before_the_model_loads(monkeypatch):
+    import attnkit.models
+    from attnkit.eval.errors import EvalError
+
+    def must_not_load(dtype=None):
+        raise AssertionError("the model was loaded before the recipe was checked")
+
+    monkeypatch.setattr(attnkit.models, "load_smollm2", must_not_load)
+    with pytest.raises(EvalError, match="recipe=act-lama: unknown recipe 'act-lama'; did you mean 'act-llama'"):
+        plugin.AttnkitLM(pretrained="smollm2", recipe="act-lama")
 
 
 def test_registered():
@@ -70,16 +84,27 @@ def test_plugin_recipes(smollm2, task_dir, monkeypatch):
 
     model, tok = smollm2
     monkeypatch.setattr(attnkit.models, "load_smollm2", lambda dtype=None: (model, tok))
-    acc0, base = _evaluate("attnkit", "pretrained=smollm2", task_dir)
+    base_config = {}
+    acc0, base = _evaluate("attnkit", "pretrained=smollm2", task_dir, base_config)
+    assert base_config["attnkit"]["recipe"] is None
     acc1, noop = _evaluate("attnkit", "pretrained=smollm2,recipe=noop", task_dir)
     gc.collect()  # the noop handle goes with its AttnkitLM
     assert len(base) == 15 and 0.0 <= acc0 <= 1.0
     assert noop == base and acc1 == acc0
     lm = plugin.AttnkitLM(pretrained=model, tokenizer=tok, recipe="act-llama", batch_size=8)
+    config = {}
     try:
         assert lm.handle is not None
-        _, act = _evaluate(lm, None, task_dir)
+        _, act = _evaluate(lm, None, task_dir, config)  # an instance: lm-eval records no model_args
     finally:
         lm.detach()
+    import hashlib
+
+    import attnkit
+
+    yaml_text = attnkit.load_recipe("act-llama").to_yaml()
+    assert config["model_args"] is None
+    assert config["attnkit"]["recipe"]["name"] == "act-llama" and config["attnkit"]["attached"]
+    assert config["attnkit"]["recipe"]["sha256"] == hashlib.sha256(yaml_text.encode()).hexdigest()
     assert all(a != pytest.approx(b, abs=1e-4) for a, b in zip(act, base))
     assert _evaluate("attnkit", "pretrained=smollm2", task_dir)[1] == base  # detached: stock model again

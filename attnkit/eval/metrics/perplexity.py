@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
@@ -194,6 +195,7 @@ def wikitext_blocks(tokenizer, split: str = "test", block_tokens: int = 1024, pa
 
 
 # ------------------------------------------------------------------------------------------ task
+from attnkit.eval.params import Param  # noqa: E402
 from attnkit.eval.task import Task  # noqa: E402
 
 
@@ -213,10 +215,29 @@ def make_policy(spec, **kw):
 
 class PerplexityTask(Task):
     """wikitext-2 perplexity over blocks of ``block_tokens``; ``mode: strided`` (``max_length``, ``stride``) or
-    ``mode: streaming`` (``policy``, ``sink``, ``window``, ``shift_positions``)."""
+    ``mode: streaming`` (``policy``, ``sink``, ``window``, ``shift_positions``); see ``params_spec``."""
 
     metrics = ("ppl", "nll_per_token")
     higher_is_better = {"ppl": False, "nll_per_token": False}
+    params_spec = {
+        "mode": Param(Literal["strided", "streaming"], "strided", "sliding window or token-by-token bounded cache"),
+        "split": Param(str, "test", "wikitext-2 split file (test, valid)"),
+        "block_tokens": Param(int, 1024, "tokens per paired block"),
+        "path": Param(str | None, None, "a raw text file instead of wikitext-2/<split>.txt"),
+        "max_length": Param(int | None, None, "strided: window length (default: the whole block)"),
+        "stride": Param(int | None, None, "strided: step between windows"),
+        "policy": Param(str, "sink_window", "streaming: dense, sink_window or package.module:factory"),
+        "sink": Param(int | None, None, "streaming: sink tokens kept (policy default when unset)"),
+        "window": Param(int | None, None, "streaming: recent tokens kept (policy default when unset)"),
+        "shift_positions": Param(bool | None, None, "streaming: positions as cache slots (policy default)"),
+    }
+
+    def required_files(self) -> list:
+        from pathlib import Path
+
+        from attnkit.data import data_path
+
+        return [Path(self.params.get("path") or data_path("wikitext-2", f"{self.params.get('split', 'test')}.txt"))]
 
     def __init__(self, name, **params):
         super().__init__(name, **params)
@@ -237,7 +258,7 @@ class PerplexityTask(Task):
         ids = self._ensure_blocks(tokenizer)[example["block"]]
         p = self.params
         if p.get("mode", "strided") == "streaming":
-            kw = {k: p[k] for k in ("sink", "window", "shift_positions") if k in p}
+            kw = {k: p[k] for k in ("sink", "window", "shift_positions") if p.get(k) is not None}
             nll, n = streaming_nll(model, ids, make_policy(p.get("policy", "sink_window"), **kw))
         else:
             nll, n = strided_nll(model, ids, p.get("max_length"), p.get("stride"))

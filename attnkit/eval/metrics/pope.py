@@ -27,7 +27,7 @@ import random
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 PARSERS = ("official", "robust")
 SPLITS = ("random", "popular", "adversarial")
@@ -132,10 +132,57 @@ def _first(row: dict, keys, what: str, where: str):
     raise ValueError(f"{where}: POPE row lacks a {what} column (one of {list(keys)}); columns: {sorted(row)}.")
 
 
+def _is_saved_dataset(folder: Path) -> bool:
+    """Whether ``folder`` was written by ``Dataset(Dict).save_to_disk`` (else: plain data files / hub snapshot)."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+def open_dataset(name: str | Path, split: str | None = None, config: str | None = None, data_files=None):
+    """One split of a ``datasets`` dataset from what users have on disk or on the hub, without network for
+    local paths: a ``save_to_disk`` folder, a folder of data files (a hub snapshot such as ``lmms-lab/POPE``'s
+    ``data/test-*.parquet``), a single ``.parquet``/``.json(l)``/``.csv`` file, or a hub name / builder name
+    (``parquet``, ``json``) with ``data_files`` passed through to ``datasets.load_dataset``. Without ``split``,
+    ``test`` is taken, or the only split there is.
+
+    Example:
+        >>> import datasets, tempfile, os
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = datasets.Dataset.from_list([{"question": "Is there a cat?", "answer": "yes"}]).to_parquet(
+        ...     os.path.join(folder, "test.parquet"))
+        >>> open_dataset(os.path.join(folder, "test.parquet"))[0]["answer"]
+        'yes'
+    """
+    import datasets
+
+    path = Path(str(name)).expanduser()
+    if path.is_dir() and _is_saved_dataset(path):
+        ds = datasets.load_from_disk(str(path))
+    elif path.is_file():
+        builder = _BUILDERS.get(path.suffix)
+        if builder is None:
+            raise ValueError(f"POPE dataset {path}: cannot read {path.suffix!r} files; give a .parquet, .json(l) "
+                             f"or .csv file, a folder, or a dataset name.")
+        ds = datasets.load_dataset(builder, data_files=data_files or str(path))
+    elif path.is_dir():  # plain data files, e.g. a hub snapshot folder: every split, then pick one
+        ds = datasets.load_dataset(str(path), config, data_files=data_files)
+    else:  # a hub name (or a builder name such as "parquet" with data_files): only the split asked for
+        ds = datasets.load_dataset(str(name), config, split=split or "test",
+                                   **({"data_files": data_files} if data_files else {}))
+    if isinstance(ds, datasets.DatasetDict):
+        want = split or ("test" if "test" in ds or len(ds) != 1 else next(iter(ds)))
+        if want not in ds:
+            raise KeyError(f"POPE dataset {name}: no split {want!r}; splits: {list(ds)} (set dataset_split).")
+        ds = ds[want]
+    return ds
+
+
 def load_questions_dataset(name: str | Path, split: str | None = None, category: str | None = None,
-                           config: str | None = None):
-    """POPE questions from a Hugging Face ``datasets`` dataset: a hub name, or a folder written by
-    ``save_to_disk`` (read with ``load_from_disk``, no network).
+                           config: str | None = None, data_files=None):
+    """POPE questions from a Hugging Face ``datasets`` dataset (see ``open_dataset``: a ``save_to_disk`` folder,
+    a folder of parquet files such as a hub snapshot, a single data file, or a hub name with ``data_files``).
 
     Columns: ``question``/``text``, ``answer``/``label`` (yes/no, any case), ``question_id``/``id`` (else the row
     index), and ``image`` (a file name, or an embedded image as in ``lmms-lab/POPE``) or ``image_source``.
@@ -158,14 +205,7 @@ def load_questions_dataset(name: str | Path, split: str | None = None, category:
     import datasets
 
     where = f"POPE dataset {name}"
-    if Path(name).is_dir():
-        ds = datasets.load_from_disk(str(name))
-    else:
-        ds = datasets.load_dataset(str(name), config, split=split or "test")
-    if isinstance(ds, datasets.DatasetDict):
-        if (split or "test") not in ds:
-            raise KeyError(f"{where}: no split {split or 'test'!r}; splits: {list(ds)}.")
-        ds = ds[split or "test"]
+    ds = open_dataset(name, split, config, data_files)
     meta = ds.remove_columns([c for c in ("image",) if c in ds.column_names
                               and not isinstance(ds.features[c], datasets.Value)])
     rows = []
@@ -306,25 +346,85 @@ def metrics_from_records(records: Iterable[dict], zero_division: float = 0.0) ->
 
 
 # ----------------------------------------------------------------------------------------------- task
+from attnkit.eval.errors import EvalError  # noqa: E402
+from attnkit.eval.params import Param  # noqa: E402
 from attnkit.eval.task import Task  # noqa: E402  (tasks sit below the model-free metric code)
 
 
 class PopeTask(Task):
     """POPE on generated coco_tiny questions (``source: coco_tiny``), a shipped/own question file
     (``source: pope_file`` → ``pope/coco_pope_<split>.json``, or ``question_file: path``) or a ``datasets``
-    dataset (``source: datasets``, ``dataset: <hub name or save_to_disk folder>``, ``dataset_split``; rows are
+    dataset (``source: datasets``, ``dataset``: a ``save_to_disk`` folder, a folder of parquet files such as a hub
+    snapshot, a data file, or a hub name; ``data_files`` and ``dataset_split`` are passed through; rows are
     filtered on ``category == split`` when that column exists; see ``load_questions_dataset``).
-
-    Params: ``split``, ``source``, ``parser`` ("robust"|"official"), ``seed``, ``max_new_tokens``,
-    ``prompt_suffix``, ``image_dir``, ``zero_division``, ``batch_size`` (questions per ``generate`` call).
+    Parameters: ``params_spec``. The yes-ratio is best at 0.5 (a model that answers yes half the time on a
+    balanced split); ``describe()`` names the actual question source.
     """
 
     metrics = ("f1", "accuracy", "precision", "recall", "yes_ratio", "unknown_ratio")
     higher_is_better = {"unknown_ratio": False}
+    metric_targets = {"yes_ratio": 0.5}
+    params_spec = {
+        "split": Param(Literal["random", "popular", "adversarial"], "random", "how negatives are chosen"),
+        "source": Param(Literal["coco_tiny", "pope_file", "datasets"], "coco_tiny", "where the questions come from"),
+        "question_file": Param(str | None, None, "a POPE JSON-lines question file (overrides source)"),
+        "dataset": Param(str | None, None, "source=datasets: folder, data file, hub name or builder name"),
+        "dataset_split": Param(str | None, None, "source=datasets: split (default test, or the only one)"),
+        "dataset_config": Param(str | None, None, "source=datasets: configuration name"),
+        "data_files": Param(str | list[str] | dict | None, None, "source=datasets: passed to load_dataset"),
+        "image_dir": Param(str | None, None, "folder the image file names are relative to"),
+        "parser": Param(Literal["robust", "official"], "robust", "answer parser (reported in report.json)"),
+        "seed": Param(int, 0, "source=coco_tiny: seed of the negative sampling"),
+        "max_new_tokens": Param(int, 8, "answer length limit (tokens)"),
+        "batch_size": Param(int, 8, "questions per generate() call (left padded)"),
+        "prompt_suffix": Param(str, " Answer yes or no.", "appended to every question"),
+        "zero_division": Param(float, 0.0, "value of a ratio with a zero denominator"),
+    }
+
+    def _question_file(self):
+        from attnkit.data import data_path
+
+        p = self.params
+        if p.get("question_file") or p.get("source") == "pope_file":
+            return Path(p.get("question_file") or data_path("pope", f"coco_pope_{p.get('split', 'random')}.json"))
+        return None
+
+    def describe(self) -> str:
+        """The question source as configured (overrides included), then the parser."""
+        p = self.params
+        head = f"POPE ({p['split']} negatives)"
+        if self._question_file() is not None:
+            body = f"questions from the file {self._question_file()}"
+        elif p["source"] == "datasets":
+            extra = "".join(f", {k} {p[k]}" for k in ("dataset_split", "dataset_config", "data_files") if p.get(k))
+            body = f"questions from the dataset {p['dataset']}{extra}"
+        else:
+            body = (f"POPE-style questions generated (seed {p['seed']}) from the coco_tiny val2017 instance "
+                    f"annotations (51 images, 306 questions)")
+        images = f"; images from {p['image_dir']}" if p.get("image_dir") else ""
+        return f"{head}: {body}{images}. Answers parsed with the {p['parser']!r} parser; yes_ratio is best at 0.5."
+
+    def required_files(self) -> list[Path]:
+        from attnkit.data import data_path
+
+        p = self.params
+        if self._question_file() is not None:
+            files = [self._question_file()]
+        elif p.get("source") == "datasets":
+            name = str(p["dataset"])
+            local = name.startswith(("/", ".", "~")) or Path(name).suffix in _BUILDERS
+            files = [Path(name).expanduser()] if local else []  # a hub name cannot be checked offline
+        else:
+            files = [data_path("coco_tiny", "annotations", "instances_val2017.json")]
+            files.append(Path(p.get("image_dir") or data_path("coco_tiny", "val2017")))
+        return files + ([Path(p["image_dir"])] if p.get("image_dir") else [])
 
     def __init__(self, name, **params):
         super().__init__(name, **params)
         self._dataset = None
+        if self.params["source"] == "datasets" and not self.params.get("dataset"):
+            raise EvalError(f"task {name!r}: source=datasets needs the `dataset` parameter (a folder, a data file or "
+                            f"a hub name), e.g. --set dataset=/path/to/POPE.")
 
     @property
     def example_batch_size(self) -> int:
@@ -336,14 +436,15 @@ class PopeTask(Task):
         p = self.params
         split = p.get("split", "random")
         image_dir = p.get("image_dir")
-        if p.get("source") == "datasets":
-            if not p.get("dataset"):
-                raise ValueError(f"task {self.name!r}: source=datasets needs `dataset` (hub name or folder).")
-            rows, self._dataset = load_questions_dataset(p["dataset"], p.get("dataset_split"), split,
-                                                         p.get("dataset_config"))
-        elif p.get("question_file") or p.get("source") == "pope_file":
-            path = p.get("question_file") or data_path("pope", f"coco_pope_{split}.json")
-            rows = load_questions(path)
+        if self._question_file() is not None:
+            rows = load_questions(self._question_file())
+        elif p.get("source") == "datasets":
+            try:
+                rows, self._dataset = load_questions_dataset(p["dataset"], p.get("dataset_split"), split,
+                                                             p.get("dataset_config"), p.get("data_files"))
+            except (KeyError, ValueError, FileNotFoundError) as err:
+                message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+                raise EvalError(f"task {self.name!r}: {message}") from None
         else:
             rows = coco_questions(split, seed=p.get("seed", 0))
             image_dir = image_dir or data_path("coco_tiny", "val2017")

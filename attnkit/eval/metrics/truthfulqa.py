@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import Literal
 
 QA_PRIMER = (
     "Q: What is human life expectancy in the United States?\n"
@@ -119,13 +120,24 @@ def score_question(model, tokenizer, row: dict, mc1_rule: str = "strict", batch_
 
 
 # ------------------------------------------------------------------------------------------ task
+from attnkit.eval.params import Param  # noqa: E402
 from attnkit.eval.task import Task  # noqa: E402
 
 
 class TruthfulQATask(Task):
-    """TruthfulQA MC1/MC2/MC3 from the CSV (source ``csv``). Params: ``mc1_rule``, ``batch_size``, ``path``."""
+    """TruthfulQA MC1/MC2/MC3 from the CSV (source ``csv``; parameters: ``params_spec``)."""
 
     metrics = ("mc2", "mc1", "mc3")
+    params_spec = {
+        "mc1_rule": Param(Literal["strict", "argmax"], "strict", "strict (original code) or argmax (lm-eval)"),
+        "batch_size": Param(int, 8, "answers scored per forward pass"),
+        "path": Param(str | None, None, "TruthfulQA.csv (default: truthfulqa/TruthfulQA.csv in the data root)"),
+    }
+
+    def required_files(self) -> list:
+        from attnkit.data import data_path
+
+        return [Path(self.params.get("path") or data_path("truthfulqa", "TruthfulQA.csv"))]
 
     def examples(self, tokenizer=None) -> list[dict]:
         return load_truthfulqa(self.params.get("path"))
