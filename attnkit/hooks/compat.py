@@ -21,8 +21,10 @@ Example:
     >>> cache = output_cache(out)
     >>> cache.get_seq_length()
     3
-    >>> step = model(torch.tensor([[4]]), **cache_kwargs(model, cache))
     >>> past_length({"attention_mask": torch.ones(1, 4), **cache_kwargs(model, cache)}, new_len=1)
+    3
+    >>> step = model(torch.tensor([[4]]), **cache_kwargs(model, cache))
+    >>> cache.get_seq_length()
     4
 """
 
@@ -99,8 +101,8 @@ def past_length(kwargs: dict, new_len: int, tracked: int | None = None) -> int:
     ``tracked`` (attnkit's own count) is used for caches that hold fewer slots than tokens seen when no mask says.
 
     Example:
-        >>> past_length({"attention_mask": torch.ones(2, 7)}, new_len=1)
-        6
+        >>> past_length({"attention_mask": torch.ones(2, 5)}, new_len=5)
+        0
         >>> past_length({}, new_len=5)
         0
     """

@@ -110,7 +110,8 @@ class VHR(Intervention):
             proj = getattr(site.module, "o_proj", None)
             if proj is None:
                 raise ValueError(f"vhr: {site.qualname} has no o_proj; select='vhd' needs per-head outputs there")
-            hooks.append(handle.hook(proj, self._recorder(site.layer, site.num_heads), pre=True))
+            # always: it records during the text-only pass, which runs detached (stock and untracked)
+            hooks.append(handle.hook(proj, self._recorder(site.layer, site.num_heads), pre=True, always=True))
         return hooks
 
     # ---- the text-only pass ----------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ class VHR(Intervention):
         self._text_out.clear()
         self._in_text_pass = True
         try:
-            with handle.disabled(), torch.no_grad():
+            with handle.detached(), torch.no_grad():
                 module(input_ids=text_ids, attention_mask=text_mask, use_cache=False)
         finally:
             self._in_text_pass = False
