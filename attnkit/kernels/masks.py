@@ -264,9 +264,6 @@ class KeyMask:
         if isinstance(mask, KeyMask):
             return mask
         if mask is None:
-            if q_len > k_len and (causal or window is not None):
-                raise ValueError(f"more queries ({q_len}) than keys ({k_len}): with a causal or windowed mask the "
-                                 "queries must be the last Q of the K positions")
             sinks = num_sinks if window is not None else 0
             return cls(q_len, k_len, causal=bool(causal), key_padding=key_padding, window=window, num_sinks=sinks)
         if key_padding is not None or num_sinks:
@@ -301,6 +298,9 @@ class KeyMask:
         Q, K = self.q_len, self.k_len
         idx = torch.arange(Q, device=device)[rows] if isinstance(rows, slice) else rows.to(device)  # [C]
         qpos = K - Q + idx  # [C] absolute positions
+        if self.structured and Q > K and (self.causal or self.window is not None):
+            raise ValueError(f"more queries ({Q}) than keys ({K}): with a causal or windowed mask the queries must "
+                             "be the last Q of the K positions")
         if self.structured:
             sinks = self.sinks(device)
             if restrict and idx.numel():
