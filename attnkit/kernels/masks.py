@@ -223,15 +223,23 @@ def _recognise(mask, q_len, k_len, *, causal, window):
             return False, None  # a float mask carrying a real bias: not a pure mask
         real |= ok.any(dim=2).any(dim=1)
     for rows in _chunks(q_len, k_len, B, Hm):
-        ok, _ = _explicit_block(mask, rows)
-        qpos = torch.arange(k_len - q_len, k_len, device=mask.device)[rows]  # [C]
-        if ok.shape[-2] == 1:
-            qpos = qpos[-1:]
-        want = band_allowed(qpos, torch.arange(k_len, device=mask.device), causal=causal, key_padding=real,
-                            sinks=None, window=window)  # [B|1, 1, C, K]
+        ok, _ = _explicit_block(mask, rows)  # [B|1, Hm, C, K]
+        want = _band_rows(rows.start, ok.shape[-2], q_len, k_len, causal, window, mask.device)  # [C, K]
+        want = want & real[:, None, None, :]  # [B|1, 1, C, K]
         if not torch.equal(ok.expand(B, Hm, *ok.shape[2:]), want.expand(B, Hm, *ok.shape[2:])):
             return False, None
     return True, (None if bool(real.all()) else real)
+
+
+def _band_rows(r0: int, C: int, q_len: int, k_len: int, causal: bool, window: int | None, device) -> torch.Tensor:
+    """Bool ``[C, K]`` causal/window band of query rows ``r0 .. r0+C-1`` (bool triangles: no int index matrices)."""
+    p0 = k_len - q_len + r0  # absolute position of the first row
+    band = torch.ones(C, k_len, dtype=torch.bool, device=device)
+    if causal:
+        band = band.tril(diagonal=p0)  # j <= p0 + c
+    if window is not None:
+        band = band.triu(diagonal=p0 - window + 1)  # p0 + c - j < window
+    return band
 
 
 # --------------------------------------------------------------------------------------------------------
