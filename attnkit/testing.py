@@ -25,6 +25,9 @@ TEXT_FAMILIES = {
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
 }
 VISION_FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3")
+#: also buildable, not (yet) in the supported list: ``gemma3`` attends bidirectionally inside each image block
+#: (``token_type_ids``) and has a sliding-window layer, so its masks are not "causal + padding" (kernel mask tests)
+TINY_VLM_FAMILIES = VISION_FAMILIES + ("gemma3",)
 
 _COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256,
@@ -82,7 +85,14 @@ def _tiny_vlm_config(family: str):
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       image_size=32, patch_size=8)
         return transformers.Idefics3Config(text_config=text, vision_config=vision, image_token_id=120, scale_factor=2)
-    raise KeyError(f"unknown tiny VLM family {family!r}; choose from {VISION_FAMILIES}")
+    if family == "gemma3":  # one sliding-window and one full-attention layer; 16 image tokens (8x8 patches pooled 2x2)
+        text_gemma = dict(_COMMON, model_type="gemma3_text", head_dim=16, sliding_window=8,
+                          layer_types=["sliding_attention", "full_attention"])
+        vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, image_size=32, patch_size=4)
+        return transformers.Gemma3Config(text_config=text_gemma, vision_config=vision, mm_tokens_per_image=16,
+                                         image_token_index=120, boi_token_index=121, eoi_token_index=122)
+    raise KeyError(f"unknown tiny VLM family {family!r}; choose from {TINY_VLM_FAMILIES}")
 
 
 def tiny_vlm(family: str = "llava", seed: int = 0, attn_implementation: str = "sdpa"):
@@ -95,6 +105,7 @@ def tiny_vlm(family: str = "llava", seed: int = 0, attn_implementation: str = "s
         "llava_next": transformers.LlavaNextForConditionalGeneration,
         "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
         "idefics3": transformers.Idefics3ForConditionalGeneration,
+        "gemma3": transformers.Gemma3ForConditionalGeneration,
     }[family]
     torch.manual_seed(seed)
     return model_from_config(cls, config, attn_implementation=attn_implementation).eval()
@@ -131,6 +142,9 @@ def vlm_inputs(family: str, model, batch: int = 2, text_len: int = 6, seed: int 
         n_img = int(((config.vision_config.image_size // config.vision_config.patch_size) ** 2) / (config.scale_factor**2))
         inputs["pixel_values"] = torch.randn(batch, 1, 3, 32, 32, generator=g)
         inputs["pixel_attention_mask"] = torch.ones(batch, 1, 32, 32, dtype=torch.bool)
+    elif family == "gemma3":
+        n_img = config.mm_tokens_per_image
+        inputs["pixel_values"] = torch.randn(batch, 3, 32, 32, generator=g)
     else:
         raise KeyError(family)
     rows, masks = [], []
@@ -144,6 +158,8 @@ def vlm_inputs(family: str, model, batch: int = 2, text_len: int = 6, seed: int 
     inputs.update(input_ids=ids, attention_mask=mask)
     if family == "qwen2_vl":
         inputs["mm_token_type_ids"] = (ids == image_id).long()
+    if family == "gemma3":  # image tokens attend to each other bidirectionally
+        inputs["token_type_ids"] = (ids == image_id).long()
     return inputs
 
 

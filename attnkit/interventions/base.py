@@ -5,15 +5,22 @@ An intervention overrides any of these hooks (all optional; each receives an :cl
 =====================  ====================================================================  ======================
 hook                   meaning                                                               backends
 =====================  ====================================================================  ======================
-``query_scale``        per-head factor on the pre-softmax scores (temperature) → ``[H]``      eager, torch
+``query_scale``        factor on the pre-softmax scores (temperature): per head ``[H]``, or  eager, torch, triton
+                       per row, any tensor broadcastable to ``[B,H,Q,1]`` (e.g. from
+                       :meth:`AttentionContext.visible_keys`)
 ``score_bias``         additive pre-softmax bias broadcastable to ``[B,H,Q,K]``               eager, torch
 ``edit_scores``        any function of the scores ``[B,H,Q,K]`` (materialises them)           eager
 ``key_stats``          reads the attention each key gets from this call's real queries        eager, torch, triton
                        ``[B,H,K]`` (e.g. to detect sinks at prefill); returns nothing
-``group_factors``      post-softmax reweighting of key groups: masses ``[B,H,Q,G]`` → factors eager (+ fast kernels)
+``group_factors``      post-softmax reweighting of key groups: masses ``[B,H,Q,G]`` → factors eager, torch, triton
 ``edit_probs``         any function of the probabilities ``[B,H,Q,K]`` (materialises them)    eager
-``edit_output``        per-head outputs ``[B,H,Q,D]`` → same shape                           eager, torch
+``edit_output``        per-head outputs ``[B,H,Q,D]`` → same shape                           eager, torch, triton
 =====================  ====================================================================  ======================
+
+Every backend applies these under the attention mask the model built (padding, causality, sliding windows,
+bidirectional image blocks, prefix or chunked masks): ``ctx.mask`` describes it, ``ctx.visible_keys()`` counts the
+keys each row may attend. Group masses are computed per group (never as "1 − the other groups"), so a hook that
+needs the mass of several groups should sum them rather than subtract from the total.
 
 Edits apply only to the intervention's target heads: the framework keeps the other heads untouched, so a hook may
 compute its edit for every head. ``group_factors`` works on the groups named by :meth:`Intervention.key_groups`
@@ -99,6 +106,7 @@ class AttentionContext:
     query_rows: torch.Tensor | None = None  # subset of query rows (captures)
     heads: torch.Tensor | None = None  # [H] bool: this intervention's target heads
     value: torch.Tensor | None = None  # [B, Hkv, K, D] the call's values (read-only; e.g. identity attention = v)
+    mask: Any = None  # the call's attention mask as the backend runs it (attnkit.kernels.masks.KeyMask); set by it
 
     def _positions(self, n: int) -> slice:
         total = self.tracker.length if self.tracker is not None else n
@@ -131,6 +139,23 @@ class AttentionContext:
             q_mask = self.tracker.gather(name, self.layer, self.q_len)  # [B, Q]: queries are the newest keys
         q_mask = q_mask.to(self.device)
         return q_mask if self.query_rows is None else q_mask[:, self.query_rows.to(self.device)]
+
+    def group_ids(self, names: tuple) -> torch.Tensor:
+        """``[B, K]`` long group id per key: g+1 for the first span in ``names`` containing it, 0 otherwise.
+        An entry of ``names`` is a span name or a callable ``ctx -> bool [B, K]`` (a computed span)."""
+        ids = torch.zeros(self.batch, self.k_len, dtype=torch.long, device=self.device)  # [B, K]
+        for g in reversed(range(len(names))):
+            mask = names[g](self) if callable(names[g]) else self.key_mask(names[g])  # [B, K] bool
+            ids = torch.where(mask.to(self.device), torch.full_like(ids, g + 1), ids)
+        return ids
+
+    def visible_keys(self) -> torch.Tensor:
+        """``[B|1, H|1, Q]`` fp32: how many keys each query row of this call may attend under the model's mask
+        (real keys only: padding, causality, sliding windows and bidirectional blocks are all accounted for).
+        With ``query_rows`` set (a capture re-computing some rows) the rows are those rows."""
+        if self.mask is None:
+            raise RuntimeError("visible_keys() needs the backend to describe the call's mask (ctx.mask is unset)")
+        return self.mask.visible_counts(self.device)
 
     @property
     def key_padding(self) -> torch.Tensor | None:
@@ -199,7 +224,7 @@ class Intervention:
         return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
 
     # ---- hooks: override what you need ------------------------------------------------------------------
-    def query_scale(self, ctx: AttentionContext) -> torch.Tensor | None:  # -> [H]
+    def query_scale(self, ctx: AttentionContext) -> torch.Tensor | None:  # -> [H] or broadcastable [B,H,Q,1]
         raise NotImplementedError
 
     def score_bias(self, ctx: AttentionContext) -> torch.Tensor | None:  # -> broadcastable [B,H,Q,K]
@@ -222,10 +247,5 @@ class Intervention:
 
 
 def key_group_ids(ctx: AttentionContext, names: tuple) -> torch.Tensor:
-    """``[B, K]`` long group id per key: g+1 for the first span in ``names`` containing it, 0 otherwise.
-    An entry of ``names`` is a span name or a callable ``ctx -> bool [B, K]`` (a computed span)."""
-    ids = torch.zeros(ctx.batch, ctx.k_len, dtype=torch.long, device=ctx.device)  # [B, K]
-    for g in reversed(range(len(names))):
-        mask = names[g](ctx) if callable(names[g]) else ctx.key_mask(names[g])  # [B, K] bool
-        ids = torch.where(mask.to(ctx.device), torch.full_like(ids, g + 1), ids)
-    return ids
+    """``[B, K]`` long group id per key; see :meth:`AttentionContext.group_ids`."""
+    return ctx.group_ids(names)

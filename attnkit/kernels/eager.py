@@ -15,14 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.interventions.base import key_group_ids
-from attnkit.kernels.masks import allowed_mask
-from attnkit.kernels.plan import head_vector, restrict_bias, select_heads
-
-CAPABILITIES = frozenset(
-    {"query_scale", "score_bias", "edit_scores", "key_stats", "group_factors", "edit_probs", "edit_output", "softcap",
-     "probs"}
-)
+from attnkit.kernels.masks import KeyMask, allowed_mask, attach_mask
+from attnkit.kernels.plan import query_factors, restrict_bias, select_heads
 
 
 def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -40,8 +34,7 @@ def score_stage(scores: torch.Tensor, entries, make_ctx) -> torch.Tensor:
             continue
         ctx = make_ctx(entry)
         if "query_scale" in caps:
-            scale = head_vector(iv.query_scale(ctx), heads, 1.0)  # [H]
-            scores = scores * scale.view(1, -1, 1, 1)
+            scores = scores * query_factors(iv.query_scale(ctx), heads)  # [B|1, H, Q|1, 1]
         if "score_bias" in caps:
             bias = iv.score_bias(ctx)
             if bias is not None:
@@ -93,7 +86,7 @@ def prob_stage(probs: torch.Tensor, entries, make_ctx) -> torch.Tensor:
             continue
         ctx = make_ctx(entry)
         if "group_factors" in caps:
-            ids = key_group_ids(ctx, iv.key_groups())  # [B, K]
+            ids = ctx.group_ids(iv.key_groups())  # [B, K]
             num_groups = len(iv.key_groups()) + 1
             probs = reweight_groups(probs, ids, lambda m: iv.group_factors(m, ctx), heads, num_groups)
         if "edit_probs" in caps:
@@ -113,6 +106,7 @@ def output_stage(out: torch.Tensor, entries, make_ctx) -> torch.Tensor:
 def eager_probs(q, k, mask, *, scaling, entries, make_ctx, causal, softcap=None) -> torch.Tensor:
     """Edited attention probabilities ``[B,H,Q,K]`` (fp32). q [B,H,Q,D], k [B,Hkv,K,D]."""
     num_heads, q_len, k_len = q.shape[1], q.shape[2], k.shape[2]
+    make_ctx = attach_mask(make_ctx, KeyMask.build(q_len, k_len, mask=mask, causal=causal, recognise_structure=False))
     k = repeat_kv(k, num_heads)  # [B, H, K, D]
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # [B, H, Q, K]
     if softcap is not None:
@@ -131,6 +125,8 @@ def eager_probs(q, k, mask, *, scaling, entries, make_ctx, causal, softcap=None)
 
 def eager_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, softcap=None, dropout=0.0):
     """Reference attention with edits. Returns ``(out [B,H,Q,D], probs [B,H,Q,K])``."""
+    make_ctx = attach_mask(make_ctx, KeyMask.build(q.shape[2], k.shape[2], mask=mask, causal=causal,
+                                                   recognise_structure=False))
     probs = eager_probs(q, k, mask, scaling=scaling, entries=entries, make_ctx=make_ctx, causal=causal, softcap=softcap)
     if dropout > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout)

@@ -12,116 +12,37 @@ Public functions (shapes: q ``[B,H,Q,D]``; k, v ``[B,Hkv,K,D]`` with ``H % Hkv =
 * :func:`combine_groups` → ``out [B,H,Q,D]``; :func:`group_mass` → ``M [B,H,Q,G]``.
 * :func:`biased_attention` → attention with an additive pre-softmax per-(head, group) bias.
 
-Masking conventions shared by every backend (and by :mod:`attnkit.kernels.stats`):
+Masks (:class:`attnkit.kernels.masks.KeyMask`, shared with :mod:`attnkit.kernels.stats` and the Triton kernels):
+pass the model's own ``mask`` (None, bool ``[B|1,H|1,Q,K]`` True = attend, or additive float) and every path is
+exact for it — bidirectional image blocks, prefix or chunked masks, sliding windows, padding. ``causal`` and
+``window`` are then hints: a mask that provably equals "bottom-right causal & key padding (& window)" takes the
+fast structured paths, any other mask is sliced per query chunk. Without a ``mask`` the structured arguments
+describe it directly: queries are the LAST ``Q`` of the ``K`` key positions (query ``i`` at ``K-Q+i`` sees keys
+``j <= K-Q+i`` when ``causal``), ``key_padding [B,K]`` True = real token, ``window``/``num_sinks``: key ``j`` is
+allowed iff ``pos_i - j < window`` or ``j`` is one of the first ``num_sinks`` real keys of its sample. A row (or a
+group within a row) with no allowed key gets output 0 and lse ``-inf`` — never NaN.
 
-* queries are the LAST ``Q`` of the ``K`` key positions: query ``i`` sits at ``K-Q+i`` and, when ``causal``,
-  sees keys ``j <= K-Q+i`` (bottom-right alignment, as in KV-cache decoding and chunked prefill);
-* ``key_padding [B,K]`` bool, True = real token; padded keys are excluded;
-* ``window``/``num_sinks``: key ``j`` is allowed iff ``pos_i - j < window`` or ``j`` is one of the first
-  ``num_sinks`` *real* keys of its sample (with left padding the sinks are the first real tokens, not pad slots);
-* a row (or a group within a row) with no allowed key gets output 0 and lse ``-inf`` — never NaN.
-
-Backends: ``"eager"`` materialises the whole ``[B,H,Q,K]`` score matrix (the reference); ``"torch"`` never
-does: when every sample's groups form a few contiguous runs (image block, prompt, a handful of scattered
-sinks) and there is no window, each run is covered by fused SDPA calls that return the log-sum-exp (one causal
-call on the run's square part plus one non-causal call for later queries), merged exactly; otherwise it
-falls back to query-chunked math with memory O(chunk·K). ``"triton"`` runs the fused kernels in
-:mod:`attnkit.kernels.triton`.
+Implementations (``backend=``, names from :mod:`attnkit.kernels.backends`): ``"eager"`` materialises the whole
+``[B,H,Q,K]`` score matrix (the reference); ``"torch"`` never does: for a structured mask without a window whose
+groups form a few contiguous runs per sample (image block, prompt, a handful of scattered sinks) each run is
+covered by fused SDPA calls that return the log-sum-exp (one causal call on the run's square part plus one
+non-causal call for later queries), merged exactly; otherwise query-chunked math with memory O(chunk·K).
+``"triton"`` runs the fused kernels in :mod:`attnkit.kernels.triton`.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-__all__ = ["group_partials", "combine_groups", "group_mass", "biased_attention", "BACKENDS"]
+from attnkit.kernels.backends import kernel_name
+from attnkit.kernels.masks import KeyMask, check_shapes, query_chunk
 
-BACKENDS = ("eager", "torch", "triton")
+__all__ = ["group_partials", "combine_groups", "group_mass", "biased_attention", "masked_attention"]
 
 # Largest number of contiguous (group, padding) runs per sample for which the span path is used.
 MAX_SPAN_RUNS = 48
 # Up to this many query rows (decode steps) the chunked math path is used: O(Q·K) memory, one pass over the keys.
 DECODE_ROWS = 8
-# Score-matrix budget (elements) for one query chunk of the chunked fallback: 2**22 fp32 = 16 MiB.
-CHUNK_ELEMENTS = 1 << 22
-
-
-# --------------------------------------------------------------------------------------------------------
-# masks shared by all torch paths
-# --------------------------------------------------------------------------------------------------------
-def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> tuple[int, ...]:
-    """Validate ``q [B,H,Q,D]``, ``k/v [B,Hkv,K,D]`` and return ``(B, H, Hkv, Q, K, D)``."""
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"expected q [B,H,Q,D] and k [B,Hkv,K,D], got {tuple(q.shape)} and {tuple(k.shape)}")
-    B, H, Q, D = q.shape
-    Bk, Hkv, K, Dk = k.shape
-    if Bk != B or Dk != D or H % Hkv != 0:
-        raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)} (need same B, D and H % Hkv == 0)")
-    if v is not None and v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v {tuple(v.shape)} does not match k {tuple(k.shape)}")
-    if Q > K:
-        raise ValueError(f"more queries ({Q}) than keys ({K}): queries must be the last Q of the K positions")
-    return B, H, Hkv, Q, K, D
-
-
-def sink_flags(key_padding: torch.Tensor | None, num_sinks: int, K: int, device) -> torch.Tensor | None:
-    """``[B|1, K]`` bool: True for the first ``num_sinks`` real keys of each sample (None when no sinks)."""
-    if not num_sinks:
-        return None
-    if key_padding is None:
-        return (torch.arange(K, device=device) < num_sinks)[None]  # [1,K]
-    real = key_padding.to(torch.bool)
-    return real & (real.cumsum(-1) <= num_sinks)  # [B,K]
-
-
-def allowed_mask(
-    qpos: torch.Tensor,
-    kidx: torch.Tensor,
-    *,
-    causal: bool,
-    key_padding: torch.Tensor | None,
-    sinks: torch.Tensor | None,
-    window: int | None,
-) -> torch.Tensor:
-    """``[B|1, 1, C, Kr]`` bool: may query at absolute position ``qpos[c]`` attend key ``kidx[r]``.
-
-    ``key_padding`` and ``sinks`` are the full ``[B|1, K]`` tensors; they are indexed with ``kidx`` here.
-    """
-    C, Kr = qpos.numel(), kidx.numel()
-    ok = torch.ones(1, 1, C, Kr, dtype=torch.bool, device=qpos.device)  # [1,1,C,Kr]
-    diff = qpos[:, None] - kidx[None, :]  # [C,Kr]
-    if causal:
-        ok = ok & (diff >= 0)
-    if window is not None:
-        near = diff < window  # [C,Kr]
-        if sinks is not None:
-            near = near[None] | sinks[:, kidx][:, None, :]  # [B|1,C,Kr]
-        ok = ok & near.view(-1, 1, C, Kr)
-    if key_padding is not None:
-        ok = ok & key_padding[:, kidx].to(torch.bool)[:, None, None, :]
-    return ok
-
-
-def key_index(p0: int, p1: int, K: int, *, causal: bool, window: int | None, sinks: torch.Tensor | None,
-              device) -> torch.Tensor:
-    """Indices of the keys that queries at positions ``[p0, p1)`` can possibly see (sinks + band), sorted."""
-    hi = p1 if causal else K
-    lo = 0
-    if window is not None:
-        lo = max(0, p0 - window + 1)
-    if lo == 0:
-        return torch.arange(0, hi, device=device)
-    sink_hi = 0
-    if sinks is not None and bool(sinks.any()):
-        sink_hi = int(sinks.any(0).nonzero().max()) + 1
-    lo = max(lo, sink_hi)
-    return torch.cat([torch.arange(0, min(sink_hi, hi), device=device), torch.arange(lo, hi, device=device)])
-
-
-def query_chunk(B: int, H: int, Q: int, K: int) -> int:
-    """Query-chunk length so that one ``[B,H,C,K]`` fp32 score block stays within ``CHUNK_ELEMENTS``."""
-    return int(max(16, min(Q, CHUNK_ELEMENTS // max(1, B * H * K))))
 
 
 def gqa_scores(q_c: torch.Tensor, k_r: torch.Tensor, scale: float) -> torch.Tensor:
@@ -140,6 +61,15 @@ def gqa_pv(p: torch.Tensor, v_r: torch.Tensor) -> torch.Tensor:
     return o.view(B, Hkv * R, C, -1)  # [B,H,C,D]
 
 
+def gqa_view(t: torch.Tensor | None, Hkv: int) -> torch.Tensor | None:
+    """A per-head (or head-broadcast) block ``[B|1, H|1, C, Kr]`` as ``[B|1, Hkv|1, R|1, C, Kr]`` for GQA scores."""
+    if t is None:
+        return None
+    if t.shape[1] == 1:
+        return t.unsqueeze(1)
+    return t.reshape(t.shape[0], Hkv, t.shape[1] // Hkv, *t.shape[2:])
+
+
 def safe_softmax(s: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax over the last dim; rows with no allowed entry give p = 0 and lse = -inf."""
     s = s.masked_fill(~ok, float("-inf"))
@@ -151,49 +81,42 @@ def safe_softmax(s: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch
 # --------------------------------------------------------------------------------------------------------
 # chunked (and, with one chunk, eager) path
 # --------------------------------------------------------------------------------------------------------
-def _chunked_group_partials(q, k, v, key_group, G, *, scale, causal, key_padding, window, num_sinks,
-                            chunk: int | None, restrict_keys: bool):
+def _chunked_group_partials(q, k, v, key_group, G, keys: KeyMask, *, scale, chunk: int | None, restrict_keys: bool):
     B, H, Hkv, Q, K, D = check_shapes(q, k, v)
-    R = H // Hkv
     out_g = torch.zeros(B, H, Q, G, D, dtype=torch.float32, device=q.device)  # [B,H,Q,G,D]
     lse_g = torch.full((B, H, Q, G), float("-inf"), dtype=torch.float32, device=q.device)  # [B,H,Q,G]
-    sinks = sink_flags(key_padding, num_sinks, K, q.device)
     C = chunk or query_chunk(B, H, Q, K)
     for c0 in range(0, Q, C):
-        c1 = min(Q, c0 + C)
-        p0, p1 = K - Q + c0, K - Q + c1
-        if restrict_keys:
-            kidx = key_index(p0, p1, K, causal=causal, window=window, sinks=sinks, device=q.device)
-        else:
-            kidx = torch.arange(K, device=q.device)
-        qpos = torch.arange(p0, p1, device=q.device)
-        ok = allowed_mask(qpos, kidx, causal=causal, key_padding=key_padding, sinks=sinks, window=window)
-        ok = ok.unsqueeze(1)  # [B|1,1,1,C,Kr]
-        k_r, v_r = k[:, :, kidx], v[:, :, kidx]  # [B,Hkv,Kr,D]
-        s = gqa_scores(q[:, :, c0:c1], k_r, scale)  # [B,Hkv,R,C,Kr]
-        grp = key_group[:, kidx]  # [B,Kr]
+        rows = slice(c0, min(Q, c0 + C))
+        kidx, ok, bias = keys.block(rows, q.device, restrict_keys)  # [Kr], [B|1,H|1,C,Kr], fp32 | None
+        v_r = v.index_select(2, kidx)  # [B,Hkv,Kr,D]
+        s = gqa_scores(q[:, :, rows], k.index_select(2, kidx), scale)  # [B,Hkv,R,C,Kr]
+        if bias is not None:
+            s = s + gqa_view(bias, Hkv)
+        ok = gqa_view(ok, Hkv)  # [B|1,Hkv|1,R|1,C,Kr]
+        grp = key_group.index_select(1, kidx)  # [B,Kr]
         for g in range(G):
             in_g = (grp == g)[:, None, None, None, :]  # [B,1,1,1,Kr]
             p, lse = safe_softmax(s, ok & in_g)  # [B,Hkv,R,C,Kr], [B,Hkv,R,C]
-            out_g[:, :, c0:c1, g] = gqa_pv(p, v_r)
-            lse_g[:, :, c0:c1, g] = lse.reshape(B, H, c1 - c0)
+            out_g[:, :, rows, g] = gqa_pv(p, v_r)
+            lse_g[:, :, rows, g] = lse.reshape(B, H, -1)
     return out_g, lse_g
 
 
-def _row_group_partials(q, k, v, key_group, G, *, scale, causal, key_padding, window, num_sinks):
+def _row_group_partials(q, k, v, key_group, G, keys: KeyMask, *, scale):
     """Few query rows (decode): one score pass, one row max, per-group sums by one-hot products. O(Q·K) memory."""
     B, H, Hkv, Q, K, D = check_shapes(q, k, v)
     R = H // Hkv
-    sinks = sink_flags(key_padding, num_sinks, K, q.device)
-    kidx = key_index(K - Q, K, K, causal=causal, window=window, sinks=sinks, device=q.device)
-    qpos = torch.arange(K - Q, K, device=q.device)
-    ok = allowed_mask(qpos, kidx, causal=causal, key_padding=key_padding, sinks=sinks, window=window)  # [B|1,1,Q,Kr]
-    k_r, v_r = k[:, :, kidx], v[:, :, kidx]  # [B,Hkv,Kr,D]
-    s = gqa_scores(q, k_r, scale).masked_fill(~ok.unsqueeze(1), float("-inf"))  # [B,Hkv,R,Q,Kr]
+    kidx, ok, bias = keys.block(slice(0, Q), q.device)  # [Kr], [B|1,H|1,Q,Kr], fp32 | None
+    v_r = v.index_select(2, kidx)  # [B,Hkv,Kr,D]
+    s = gqa_scores(q, k.index_select(2, kidx), scale)  # [B,Hkv,R,Q,Kr]
+    if bias is not None:
+        s = s + gqa_view(bias, Hkv)
+    s = s.masked_fill(~gqa_view(ok, Hkv), float("-inf"))
     top = s.amax(dim=-1, keepdim=True)  # [B,Hkv,R,Q,1]
     top = torch.where(torch.isinf(top), 0.0, top)
     e = torch.exp(s - top)  # [B,Hkv,R,Q,Kr], 0 on masked keys
-    onehot = torch.nn.functional.one_hot(key_group[:, kidx], G).float()  # [B,Kr,G]
+    onehot = torch.nn.functional.one_hot(key_group.index_select(1, kidx), G).float()  # [B,Kr,G]
     eg = e.unsqueeze(-2) * onehot.transpose(1, 2)[:, None, None, None]  # [B,Hkv,R,Q,G,Kr]: e split by group
     z = eg.sum(-1)  # [B,Hkv,R,Q,G]
     num = torch.matmul(eg.reshape(B, Hkv, R * Q * G, -1), v_r.float()).view(B, Hkv, R, Q, G, D)  # [B,Hkv,R,Q,G,D]
@@ -302,19 +225,20 @@ def _span_group_partials(q, k, v, runs, G, *, scale, causal):
     return out_g, lse_g
 
 
-def _span_eligible(runs, window) -> bool:
-    return window is None and max((len(r) for r in runs), default=0) <= MAX_SPAN_RUNS
+def _span_eligible(runs) -> bool:
+    return max((len(r) for r in runs), default=0) <= MAX_SPAN_RUNS
 
 
 # --------------------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------------------
-def group_partials(q, k, v, key_group, num_groups: int, *, scale: float | None = None, causal: bool = True,
+def group_partials(q, k, v, key_group, num_groups: int, *, scale: float | None = None, mask=None, causal: bool = True,
                    key_padding=None, window: int | None = None, num_sinks: int = 0, backend: str = "torch"):
     """Per-row, per-group attention partials ``(out_g [B,H,Q,G,D], lse_g [B,H,Q,G])``, both fp32.
 
     ``lse_g = log Σ_{j∈g, allowed} exp(s_ij)`` and ``out_g`` is the softmax-within-group average of ``v`` over
     group ``g``; an empty group gives ``lse = -inf`` and ``out = 0``. ``key_group [B,K]`` int64 in ``[0, G)``.
+    ``mask``: the model's attention mask (or a :class:`~attnkit.kernels.masks.KeyMask`); see the module docstring.
 
     Example:
         >>> import torch
@@ -327,28 +251,34 @@ def group_partials(q, k, v, key_group, num_groups: int, *, scale: float | None =
         >>> ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         >>> torch.allclose(combine_groups(out_g, lse_g), ref, atol=1e-5)
         True
+        >>> block = torch.ones(5, 5).tril().bool(); block[1:3, 1:3] = True    # keys 1-2 see each other
+        >>> out_g, lse_g = group_partials(q, k, v, groups, 3, scale=8 ** -0.5, mask=block)
+        >>> ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=block)
+        >>> torch.allclose(combine_groups(out_g, lse_g), ref, atol=1e-5)
+        True
     """
     B, H, Hkv, Q, K, D = check_shapes(q, k, v)
     scale = D ** -0.5 if scale is None else float(scale)
+    backend = kernel_name(backend)
     if key_group.shape != (B, K):
         raise ValueError(f"key_group must be [B,K] = {(B, K)}, got {tuple(key_group.shape)}")
     if not 1 <= num_groups <= 64:
         raise ValueError(f"num_groups must be in [1, 64], got {num_groups}")
-    kw = dict(scale=scale, causal=causal, key_padding=key_padding, window=window, num_sinks=num_sinks)
+    keys = KeyMask.build(Q, K, mask=mask, causal=causal, key_padding=key_padding, window=window, num_sinks=num_sinks)
     if backend == "eager":
-        return _chunked_group_partials(q, k, v, key_group, num_groups, chunk=Q, restrict_keys=False, **kw)
-    if backend == "torch":
-        if Q <= DECODE_ROWS:  # decode / tiny chunks: one pass over the keys beats a call per span
-            return _row_group_partials(q, k, v, key_group, num_groups, **kw)
-        runs = group_runs(key_group, key_padding)
-        if _span_eligible(runs, window):
-            return _span_group_partials(q, k, v, runs, num_groups, scale=scale, causal=causal)
-        return _chunked_group_partials(q, k, v, key_group, num_groups, chunk=None, restrict_keys=True, **kw)
+        return _chunked_group_partials(q, k, v, key_group, num_groups, keys, scale=scale, chunk=Q,
+                                       restrict_keys=False)
     if backend == "triton":
         from attnkit.kernels import triton as tk
 
-        return tk.group_partials(q, k, v, key_group, num_groups, **kw)
-    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        return tk.group_partials(q, k, v, key_group, num_groups, scale=scale, mask=keys)
+    if Q <= DECODE_ROWS:  # decode / tiny chunks: one pass over the keys beats a call per span
+        return _row_group_partials(q, k, v, key_group, num_groups, keys, scale=scale)
+    if keys.structured and keys.window is None:
+        runs = group_runs(key_group, keys.key_padding)
+        if _span_eligible(runs):
+            return _span_group_partials(q, k, v, runs, num_groups, scale=scale, causal=keys.causal)
+    return _chunked_group_partials(q, k, v, key_group, num_groups, keys, scale=scale, chunk=None, restrict_keys=True)
 
 
 def group_mass(lse_g: torch.Tensor) -> torch.Tensor:
@@ -404,57 +334,68 @@ def _bias_per_key(group_bias: torch.Tensor, key_group: torch.Tensor, H: int) -> 
     return torch.gather(gb, 2, key_group[:, None, :].expand(B, H, K).to(torch.int64))  # [B,H,K]
 
 
-def _chunked_biased(q, k, v, key_group, group_bias, *, scale, causal, key_padding, window, num_sinks):
+def _score_bias_block(bias: torch.Tensor | None, rows: slice, kidx: torch.Tensor) -> torch.Tensor | None:
+    """The part of a bias broadcastable to ``[B,H,Q,K]`` that a block of rows × ``kidx`` keys sees (no expansion)."""
+    if bias is None:
+        return None
+    bias = bias if bias.dim() == 4 else bias.view(*([1] * (4 - bias.dim())), *bias.shape)
+    if bias.shape[2] > 1:
+        bias = bias[:, :, rows]
+    if bias.shape[3] > 1:
+        bias = bias.index_select(3, kidx.to(bias.device))
+    return bias.float()
+
+
+def _chunked_masked(q, k, v, keys: KeyMask, bias: torch.Tensor | None, *, scale) -> torch.Tensor:
+    """Query-chunked attention with ``keys`` and an additive ``bias`` broadcastable to ``[B,H,Q,K]`` → ``[B,H,Q,D]``
+    in q's dtype; memory O(chunk·K) beyond the inputs."""
     B, H, Hkv, Q, K, D = check_shapes(q, k, v)
-    R = H // Hkv
     out = torch.empty(B, H, Q, D, dtype=q.dtype, device=q.device)  # [B,H,Q,D]
-    sinks = sink_flags(key_padding, num_sinks, K, q.device)
-    bias = None if group_bias is None else _bias_per_key(group_bias, key_group, H).view(B, Hkv, R, 1, K)
     C = min(256, query_chunk(B, H, Q, K))
     for c0 in range(0, Q, C):
-        c1 = min(Q, c0 + C)
-        p0, p1 = K - Q + c0, K - Q + c1
-        kidx = key_index(p0, p1, K, causal=causal, window=window, sinks=sinks, device=q.device)
-        ok = allowed_mask(torch.arange(p0, p1, device=q.device), kidx, causal=causal, key_padding=key_padding,
-                          sinks=sinks, window=window).unsqueeze(1)  # [B|1,1,1,C,Kr]
+        rows = slice(c0, min(Q, c0 + C))
+        kidx, ok, mask_bias = keys.block(rows, q.device)  # [Kr], [B|1,H|1,C,Kr], fp32 | None
+        extra = _score_bias_block(bias, rows, kidx)  # [B|1,H|1,C|1,Kr] | None
+        if mask_bias is not None:
+            extra = mask_bias if extra is None else mask_bias + extra
+        k_r, v_r = k.index_select(2, kidx), v.index_select(2, kidx)  # [B,Hkv,Kr,D]
         if q.device.type == "cpu":  # fused CPU kernel with an additive [B|1,H|1,C,Kr] mask for this chunk
-            out[:, :, c0:c1] = _fused_masked_chunk(q[:, :, c0:c1], k[:, :, kidx], v[:, :, kidx], ok,
-                                                   None if bias is None else bias[..., kidx], scale)
+            out[:, :, rows] = _fused_masked_chunk(q[:, :, rows], k_r, v_r, ok, extra, scale)
             continue
-        s = gqa_scores(q[:, :, c0:c1], k[:, :, kidx], scale)  # [B,Hkv,R,C,Kr]
-        if bias is not None:
-            s = s + bias[..., kidx]
-        p, _ = safe_softmax(s, ok)
-        out[:, :, c0:c1] = gqa_pv(p, v[:, :, kidx]).to(q.dtype)
+        s = gqa_scores(q[:, :, rows], k_r, scale)  # [B,Hkv,R,C,Kr]
+        if extra is not None:
+            s = s + gqa_view(extra, Hkv)
+        p, _ = safe_softmax(s, gqa_view(ok, Hkv))
+        out[:, :, rows] = gqa_pv(p, v_r).to(q.dtype)
     return out
 
 
 def _fused_masked_chunk(q_c, k_r, v_r, ok, bias, scale):
-    """One query chunk through the fused CPU kernel: ``ok [B|1,1,1,C,Kr]``, ``bias [B,Hkv,R,1,Kr]`` or None.
+    """One query chunk through the fused CPU kernel: ``ok [B|1,H|1,C,Kr]`` bool, ``bias`` broadcastable or None.
 
-    Rows with no allowed key come back as 0 (the kernel's lse is -inf there).
+    Rows with no allowed key (or whose every allowed score is biased to -inf) come back as 0.
     """
     B, H, C, D = q_c.shape
     Hkv, Kr = k_r.shape[1], k_r.shape[2]
-    mask = torch.zeros(ok.shape, dtype=torch.float32, device=q_c.device).masked_fill_(~ok, float("-inf"))
-    mask = mask.view(ok.shape[0], 1, C, Kr)  # [B|1,1,C,Kr]
+    add = torch.zeros(ok.shape, dtype=torch.float32, device=q_c.device).masked_fill_(~ok, float("-inf"))
     if bias is not None:
-        mask = mask + bias.reshape(B, H, 1, Kr)  # [B,H,C,Kr]
+        add = add + bias  # [B|1,H|1,C,Kr]
     if Hkv != H:
         k_r = k_r.unsqueeze(2).expand(B, Hkv, H // Hkv, Kr, D).reshape(B, H, Kr, D)
         v_r = v_r.unsqueeze(2).expand(B, Hkv, H // Hkv, Kr, D).reshape(B, H, Kr, D)
-    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q_c, k_r, v_r, 0.0, False, attn_mask=mask.to(q_c.dtype), scale=scale)
-    return torch.where(torch.isinf(lse).unsqueeze(-1), 0.0, o.float()).to(q_c.dtype)
+    o, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q_c, k_r, v_r, 0.0, False, attn_mask=add.to(q_c.dtype), scale=scale)
+    empty = torch.isneginf(add).all(-1, keepdim=True)  # [B|1,H|1,C,1]: the kernel's lse is not reliable there
+    return torch.where(empty, 0.0, o.float()).to(q_c.dtype)
 
 
-def biased_attention(q, k, v, key_group=None, group_bias=None, *, scale: float | None = None, causal: bool = True,
-                     key_padding=None, window: int | None = None, num_sinks: int = 0,
+def biased_attention(q, k, v, key_group=None, group_bias=None, *, scale: float | None = None, mask=None,
+                     causal: bool = True, key_padding=None, window: int | None = None, num_sinks: int = 0,
                      backend: str = "torch") -> torch.Tensor:
     """Attention with an additive pre-softmax bias ``group_bias[b, h, key_group[b, j]]`` → ``[B,H,Q,D]`` (q dtype).
 
-    ``group_bias`` is ``[B|1, H, G]`` or None (plain attention with the causal/padding/sink+window masks).
-    One accumulator: this is the fast path for pre-softmax edits such as PASTA-style group emphasis.
+    ``group_bias`` is ``[B|1, H, G]`` or None (plain attention under the mask). One accumulator: this is the fast
+    path for pre-softmax edits such as PASTA-style group emphasis. ``mask`` as in :func:`group_partials`.
 
     Example:
         >>> import torch
@@ -465,27 +406,47 @@ def biased_attention(q, k, v, key_group=None, group_bias=None, *, scale: float |
     """
     B, H, Hkv, Q, K, D = check_shapes(q, k, v)
     scale = D ** -0.5 if scale is None else float(scale)
+    backend = kernel_name(backend)
     if group_bias is not None and key_group is None:
         raise ValueError("group_bias needs key_group")
     if key_group is None or group_bias is None:
         key_group = torch.zeros(B, K, dtype=torch.long, device=q.device)
         group_bias = None
-    kw = dict(scale=scale, causal=causal, key_padding=key_padding, window=window, num_sinks=num_sinks)
+    keys = KeyMask.build(Q, K, mask=mask, causal=causal, key_padding=key_padding, window=window, num_sinks=num_sinks)
     if backend == "triton":
         from attnkit.kernels import triton as tk
 
-        return tk.biased_attention(q, k, v, key_group, group_bias, **kw)
+        return tk.biased_attention(q, k, v, key_group, group_bias, scale=scale, mask=keys)
+    G = 1 if group_bias is None else group_bias.shape[-1]
+    logf = None if group_bias is None else group_bias.float().unsqueeze(2)  # [B|1,H,1,G]
     if backend == "eager":
-        G = 1 if group_bias is None else group_bias.shape[-1]
-        out_g, lse_g = group_partials(q, k, v, key_group, G, backend="eager", **kw)
-        logf = None if group_bias is None else group_bias.float().unsqueeze(2)  # [B|1,H,1,G]
+        out_g, lse_g = group_partials(q, k, v, key_group, G, scale=scale, mask=keys, backend="eager")
         return combine_groups(out_g, lse_g, log_factors=logf, dtype=q.dtype)
-    if backend != "torch":
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    runs = group_runs(key_group, key_padding)
-    if _span_eligible(runs, window):
-        G = 1 if group_bias is None else group_bias.shape[-1]
-        out_g, lse_g = _span_group_partials(q, k, v, runs, G, scale=scale, causal=causal)
-        logf = None if group_bias is None else group_bias.float().unsqueeze(2)  # [B|1,H,1,G]
-        return combine_groups(out_g, lse_g, log_factors=logf, dtype=q.dtype)
-    return _chunked_biased(q, k, v, key_group, group_bias, **kw)
+    if keys.structured and keys.window is None:
+        runs = group_runs(key_group, keys.key_padding)
+        if _span_eligible(runs):
+            out_g, lse_g = _span_group_partials(q, k, v, runs, G, scale=scale, causal=keys.causal)
+            return combine_groups(out_g, lse_g, log_factors=logf, dtype=q.dtype)
+    per_key = None if group_bias is None else _bias_per_key(group_bias, key_group, H)[:, :, None, :]  # [B,H,1,K]
+    return _chunked_masked(q, k, v, keys, per_key, scale=scale)
+
+
+def masked_attention(q, k, v, mask=None, bias: torch.Tensor | None = None, *, scale: float | None = None,
+                     causal: bool = True, window: int | None = None) -> torch.Tensor:
+    """Attention under the model's ``mask`` plus an additive pre-softmax ``bias`` broadcastable to ``[B,H,Q,K]``
+    (e.g. ``[B,1,1,K]`` key biases) → ``[B,H,Q,D]`` in q's dtype, query-chunked: no ``[Q, K]`` tensor beyond the
+    mask and the bias themselves. Rows with no allowed key give 0.
+
+    Example:
+        >>> import torch
+        >>> q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+        >>> bias = torch.tensor([0.0, -1.0, 2.0, 0.5]).view(1, 1, 1, 4)
+        >>> causal = torch.ones(4, 4).tril().bool()
+        >>> ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(~causal, -1e9))
+        >>> torch.allclose(masked_attention(q, k, v, None, bias), ref, atol=1e-5)
+        True
+    """
+    B, H, Hkv, Q, K, D = check_shapes(q, k, v)
+    scale = D ** -0.5 if scale is None else float(scale)
+    keys = KeyMask.build(Q, K, mask=mask, causal=causal, window=window)
+    return _chunked_masked(q, k, v, keys, bias, scale=scale)

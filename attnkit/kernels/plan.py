@@ -44,7 +44,24 @@ def restrict_bias(bias: torch.Tensor, head_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(head_mask.view(1, -1, 1, 1), bias.float(), 0.0)
 
 
-def head_vector(values: torch.Tensor | float, head_mask: torch.Tensor, neutral: float) -> torch.Tensor:
-    """Per-head values ``[H]`` on target heads, ``neutral`` elsewhere."""
-    values = torch.as_tensor(values, dtype=torch.float32, device=head_mask.device).expand(head_mask.shape[0])
-    return torch.where(head_mask, values, torch.full_like(values, neutral))
+def query_factors(values: torch.Tensor | float, head_mask: torch.Tensor) -> torch.Tensor:
+    """A ``query_scale`` result — per head ``[H]`` or per row, broadcastable to ``[B,H,Q,1]`` — as a 4-D factor
+    ``[B|1, H, Q|1, 1]`` (fp32) that is 1 on heads outside ``head_mask``.
+
+    Example:
+        >>> query_factors(torch.tensor([2.0, 3.0]), torch.tensor([True, False])).flatten().tolist()
+        [2.0, 1.0]
+        >>> query_factors(torch.tensor([[1.5], [2.5]]).view(1, 1, 2, 1), torch.tensor([True, False])).shape
+        torch.Size([1, 2, 2, 1])
+    """
+    values = torch.as_tensor(values, dtype=torch.float32, device=head_mask.device)
+    num_heads = head_mask.shape[0]
+    if values.dim() <= 1:
+        values = values.expand(num_heads).view(1, num_heads, 1, 1)  # [1, H, 1, 1]
+    elif values.dim() != 4 or values.shape[-1] != 1 or values.shape[1] not in (1, num_heads):
+        raise ValueError(f"query_scale must return [H] or a tensor broadcastable to [B,H,Q,1], got {tuple(values.shape)}")
+    values = values.float()
+    if bool(head_mask.all()):
+        return values
+    return torch.where(head_mask.view(1, -1, 1, 1), values, torch.ones((), device=values.device))  # [B|1,H,Q|1,1]
+

@@ -5,42 +5,40 @@
   its softmax (and row log-sum-exp) is exact and memory stays O(chunk·K).
 * :func:`attention_rows` — softmax probabilities of a few query rows ``[B,H,R,K]`` (attention captures).
 
-Masks follow :mod:`attnkit.kernels.grouped` (bottom-right causal alignment, left padding, sinks + window); rows with
-no allowed key are all zeros.
+Masks follow :mod:`attnkit.kernels.masks`: pass the model's own ``mask`` (exact for any mask; ``causal`` and
+``window`` are then hints) or the structured arguments (bottom-right causal alignment, left padding, sinks +
+window); rows with no allowed key are all zeros.
 """
 
 from __future__ import annotations
 
 import torch
 
-from attnkit.kernels.grouped import (
-    allowed_mask,
-    check_shapes,
-    gqa_scores,
-    key_index,
-    query_chunk,
-    safe_softmax,
-    sink_flags,
-)
+from attnkit.kernels.backends import kernel_name
+from attnkit.kernels.grouped import gqa_scores, gqa_view, safe_softmax
+from attnkit.kernels.masks import KeyMask, check_shapes, query_chunk
 
 __all__ = ["key_mass", "attention_rows"]
 
 
-def _row_probs(q_rows, k, qpos, kidx, *, scale, causal, key_padding, sinks, window):
-    """Probabilities ``[B,Hkv,R,C,Kr]`` of the query rows ``q_rows [B,H,C,D]`` at positions ``qpos [C]``."""
-    ok = allowed_mask(qpos, kidx, causal=causal, key_padding=key_padding, sinks=sinks, window=window)
-    s = gqa_scores(q_rows, k[:, :, kidx], scale)  # [B,Hkv,R,C,Kr]
-    p, _ = safe_softmax(s, ok.unsqueeze(1))
-    return p
+def _row_probs(q, k, keys: KeyMask, rows: torch.Tensor, *, scale, restrict: bool):
+    """``(kidx [Kr], p [B,Hkv,R,C,Kr])``: probabilities of the query rows ``rows [C]`` over the keys they may see."""
+    kidx, ok, bias = keys.block(rows, q.device, restrict)  # [Kr], [B|1,H|1,C,Kr], fp32 | None
+    s = gqa_scores(q.index_select(2, rows), k.index_select(2, kidx), scale)  # [B,Hkv,R,C,Kr]
+    if bias is not None:
+        s = s + gqa_view(bias, k.shape[1])
+    p, _ = safe_softmax(s, gqa_view(ok, k.shape[1]))
+    return kidx, p
 
 
-def key_mass(q, k, *, scale: float | None = None, causal: bool = True, key_padding=None, query_select=None,
-             window: int | None = None, num_sinks: int = 0, chunk: int = 256, backend: str = "torch") -> torch.Tensor:
+def key_mass(q, k, *, scale: float | None = None, mask=None, causal: bool = True, key_padding=None,
+             query_select=None, window: int | None = None, num_sinks: int = 0, chunk: int = 256,
+             backend: str = "torch") -> torch.Tensor:
     """Attention mass each key receives, summed over the selected queries → ``[B,H,K]`` fp32.
 
     ``query_select [B,Q]`` bool (None = every query). Only rows selected in some sample are computed, so the
     FastV case (last query only) costs one row. ``backend``: ``"torch"`` (chunked), ``"eager"`` (one chunk)
-    or ``"triton"`` (fused two-pass kernel).
+    or ``"triton"`` (fused two-pass kernel). ``mask``: the model's attention mask, see the module docstring.
 
     Example:
         >>> import torch
@@ -48,17 +46,19 @@ def key_mass(q, k, *, scale: float | None = None, causal: bool = True, key_paddi
         >>> m = key_mass(q, k)
         >>> m.shape, torch.allclose(m.sum(-1), torch.full((1, 2), 6.0))
         (torch.Size([1, 2, 6]), True)
+        >>> prefix = torch.ones(6, 6).tril().bool(); prefix[:, :3] = True   # prefix LM: keys 0-2 see each other
+        >>> flat = torch.zeros(1, 1, 6, 8)                                 # q = 0: uniform over the allowed keys
+        >>> [round(x, 4) for x in key_mass(flat, k[:, :1], mask=prefix)[0, 0].tolist()]
+        [1.6167, 1.6167, 1.6167, 0.6167, 0.3667, 0.1667]
     """
     B, H, Hkv, Q, K, D = check_shapes(q, k)
     scale = D ** -0.5 if scale is None else float(scale)
+    backend = kernel_name(backend)
+    keys = KeyMask.build(Q, K, mask=mask, causal=causal, key_padding=key_padding, window=window, num_sinks=num_sinks)
     if backend == "triton":
         from attnkit.kernels import triton as tk
 
-        return tk.key_mass(q, k, scale=scale, causal=causal, key_padding=key_padding, query_select=query_select,
-                           window=window, num_sinks=num_sinks)
-    if backend not in ("torch", "eager"):
-        raise ValueError(f"unknown backend {backend!r}; choose 'eager', 'torch' or 'triton'")
-    sinks = sink_flags(key_padding, num_sinks, K, q.device)
+        return tk.key_mass(q, k, scale=scale, mask=keys, query_select=query_select)
     if query_select is None:
         rows = torch.arange(Q, device=q.device)
         weight = None
@@ -69,14 +69,7 @@ def key_mass(q, k, *, scale: float | None = None, causal: bool = True, key_paddi
     C = rows.numel() if backend == "eager" else max(1, min(chunk, query_chunk(B, H, rows.numel() or 1, K)))
     for c0 in range(0, rows.numel(), max(C, 1)):
         r = rows[c0:c0 + C]
-        qpos = K - Q + r  # [C] absolute positions
-        if backend == "eager":
-            kidx = torch.arange(K, device=q.device)
-        else:
-            kidx = key_index(int(qpos.min()), int(qpos.max()) + 1, K, causal=causal, window=window, sinks=sinks,
-                             device=q.device)
-        p = _row_probs(q[:, :, r], k, qpos, kidx, scale=scale, causal=causal, key_padding=key_padding,
-                       sinks=sinks, window=window)  # [B,Hkv,R,C,Kr]
+        kidx, p = _row_probs(q, k, keys, r, scale=scale, restrict=backend != "eager")  # [Kr], [B,Hkv,R,C,Kr]
         if weight is not None:
             p = p * weight[:, r][:, None, None, :, None]
         col = p.sum(3).reshape(B, H, -1)  # [B,H,Kr]
@@ -84,7 +77,7 @@ def key_mass(q, k, *, scale: float | None = None, causal: bool = True, key_paddi
     return mass
 
 
-def attention_rows(q, k, rows, *, scale: float | None = None, causal: bool = True, key_padding=None,
+def attention_rows(q, k, rows, *, scale: float | None = None, mask=None, causal: bool = True, key_padding=None,
                    window: int | None = None, num_sinks: int = 0) -> torch.Tensor:
     """Softmax probabilities of the selected query rows → ``[B,H,R,K]`` fp32 (masked keys get 0).
 
@@ -100,8 +93,6 @@ def attention_rows(q, k, rows, *, scale: float | None = None, causal: bool = Tru
     B, H, Hkv, Q, K, D = check_shapes(q, k)
     scale = D ** -0.5 if scale is None else float(scale)
     rows = torch.as_tensor(rows, dtype=torch.long, device=q.device) % Q  # [R]
-    sinks = sink_flags(key_padding, num_sinks, K, q.device)
-    kidx = torch.arange(K, device=q.device)
-    p = _row_probs(q[:, :, rows], k, K - Q + rows, kidx, scale=scale, causal=causal, key_padding=key_padding,
-                   sinks=sinks, window=window)  # [B,Hkv,Rep,R,K]
+    keys = KeyMask.build(Q, K, mask=mask, causal=causal, key_padding=key_padding, window=window, num_sinks=num_sinks)
+    _, p = _row_probs(q, k, keys, rows, scale=scale, restrict=False)  # [B,Hkv,Rep,R,K]
     return p.reshape(B, H, rows.numel(), K)

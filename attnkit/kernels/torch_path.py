@@ -1,6 +1,8 @@
-"""The ``torch`` backend: fused SDPA plus structured edits, no ``[Q, K]`` matrix for plain or temperature-scaled
-attention, per-head output edits and post-softmax group reweighting (exact, from per-group partial results, see
-:mod:`attnkit.kernels.grouped`); pre-softmax biases go through SDPA's additive mask.
+"""The ``torch`` backend: fused SDPA plus structured edits under the model's own attention mask, with no ``[Q, K]``
+tensor beyond that mask: plain or temperature-scaled attention (per-head or per-row factors) goes to SDPA with the
+model's mask as given; pre-softmax biases, post-softmax group reweighting (exact, from per-group partial results,
+see :mod:`attnkit.kernels.grouped`) and key statistics run query-chunked or on the span decomposition, the latter
+only when the mask provably is causal + padding (:class:`attnkit.kernels.masks.KeyMask`).
 
 Example:
     >>> import torch
@@ -15,17 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnkit.interventions.base import key_group_ids
 from attnkit.kernels.eager import output_stage, real_queries
-from attnkit.kernels.grouped import combine_groups, group_mass, group_partials
+from attnkit.kernels.grouped import combine_groups, group_mass, group_partials, masked_attention
+from attnkit.kernels.masks import KeyMask, attach_mask, causal_allowed
+from attnkit.kernels.plan import query_factors, restrict_bias, select_heads
 from attnkit.kernels.stats import key_mass
-from attnkit.kernels.masks import additive_mask, causal_allowed
-from attnkit.kernels.plan import head_vector, restrict_bias, select_heads
-
-CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_output", "group_factors", "key_stats"})
-#: capability pairs this backend cannot combine in one layer (an arbitrary score bias breaks group partials and
-#: the key statistics, which are computed from q and k)
-UNSUPPORTED_COMBINATIONS = (frozenset({"score_bias", "group_factors"}), frozenset({"score_bias", "key_stats"}))
 
 
 def sdpa(q, k, v, mask, *, scaling, causal) -> torch.Tensor:
@@ -40,13 +36,26 @@ def sdpa(q, k, v, mask, *, scaling, causal) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, is_causal=is_causal, enable_gqa=gqa)
 
 
+def _window_hint(entries, make_ctx) -> int | None:
+    """The layer's sliding window as the model reported it (used only to recognise a standard mask quickly)."""
+    for entry in entries:
+        window = getattr(make_ctx(entry), "window", None)
+        if window is not None:
+            return window
+    return None
+
+
 def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, softcap=None, dropout=0.0,
                     kernel: str = "torch"):
-    """Attention with query_scale / score_bias / group_factors / edit_output edits. Returns out [B,H,Q,D].
+    """Attention with query_scale / score_bias / group_factors / key_stats / edit_output edits under the model's
+    ``mask`` (None, bool ``[B,1,Q,K]`` True = attend, or additive float). Returns out [B,H,Q,D].
 
-    ``kernel`` selects the group-partials implementation ("torch" or "triton")."""
+    ``kernel`` selects the group-partials and key-statistics implementation ("torch" or "triton")."""
     if softcap is not None:
         raise ValueError("the torch backend does not support logit softcapping; use backend='eager'")
+    keys = KeyMask.build(q.shape[2], k.shape[2], mask=mask, causal=causal,
+                         window=_window_hint(entries, make_ctx) if entries else None)
+    make_ctx = attach_mask(make_ctx, keys)
     bias = None
     for entry in entries:
         iv, caps = entry.intervention, entry.intervention.capabilities()
@@ -54,50 +63,39 @@ def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, s
         if "query_scale" in caps or "score_bias" in caps:
             ctx = make_ctx(entry)
             if "query_scale" in caps:
-                q = q * head_vector(iv.query_scale(ctx), heads, 1.0).to(q.dtype).view(1, -1, 1, 1)
+                q = q * query_factors(iv.query_scale(ctx), heads).to(q.dtype)  # [B|1,H,Q|1,1] per head or row
             if "score_bias" in caps:
                 b = iv.score_bias(ctx)
                 if b is not None:
                     b = restrict_bias(b, heads)
                     bias = b if bias is None else bias + b
-    if bias is not None:
-        base = additive_mask(mask, q.shape[2], k.shape[2], causal, q.device)
-        mask = bias if base is None else base + bias  # [B|1, H, Q|1, K] broadcast by SDPA
-        causal = False
     for entry in entries:
         if "key_stats" in entry.intervention.capabilities():
             ctx = make_ctx(entry)
-            col = key_mass(q, k, scale=scaling, causal=causal, key_padding=ctx.key_padding,
-                           query_select=real_queries(ctx), window=ctx.window, backend=kernel)  # [B, H, K]
+            col = key_mass(q, k, scale=scaling, mask=keys, query_select=real_queries(ctx), backend=kernel)  # [B,H,K]
             entry.intervention.key_stats(col, ctx)
     grouped = [e for e in entries if "group_factors" in e.intervention.capabilities()]
     if grouped:
-        out = grouped_attention(q, k, v, mask, grouped, scaling=scaling, causal=causal, make_ctx=make_ctx,
-                                kernel=kernel)
+        out = grouped_attention(q, k, v, keys, grouped, scaling=scaling, make_ctx=make_ctx, kernel=kernel)
+    elif bias is not None:
+        out = masked_attention(q, k, v, keys, bias, scale=scaling)  # [B, H, Q, D], query-chunked
     else:
         out = sdpa(q, k, v, mask, scaling=scaling, causal=causal)  # [B, H, Q, D]
     return output_stage(out, entries, make_ctx)
 
 
-def grouped_attention(q, k, v, mask, grouped_entries, *, scaling, causal, make_ctx, kernel="torch") -> torch.Tensor:
-    """Post-softmax group reweighting without the ``[Q, K]`` matrix: per-group partials (O_g, log Z_g), the
-    intervention's factors from the group masses, then ``Σ_g M_g c_g O_g / Σ_g M_g c_g``. Heads outside every
-    entry's targets get plain attention. q [B,H,Q,D], k/v [B,Hkv,K,D] → [B,H,Q,D]."""
+def grouped_attention(q, k, v, keys: KeyMask, grouped_entries, *, scaling, make_ctx, kernel="torch") -> torch.Tensor:
+    """Post-softmax group reweighting without the ``[Q, K]`` matrix: per-group partials (O_g, log Z_g) under the
+    mask ``keys``, the intervention's factors from the group masses, then ``Σ_g M_g c_g O_g / Σ_g M_g c_g``. Heads
+    outside every entry's targets get plain attention. q [B,H,Q,D], k/v [B,Hkv,K,D] → [B,H,Q,D]."""
     out = None
     for entry in grouped_entries:
         iv, ctx = entry.intervention, make_ctx(entry)
-        window = ctx.window
-        if mask is not None and ctx.tracker is None:
-            raise NotImplementedError(
-                f"{iv.name}: the torch backend reweights groups under causal/padding/window masks only; this call "
-                "has an explicit attention mask — use backend='eager'")
-        key_padding = ctx.key_padding  # [B, K] True = real token
-        groups = key_group_ids(ctx, iv.key_groups())  # [B, K]
+        groups = ctx.group_ids(iv.key_groups())  # [B, K]
         num_groups = len(iv.key_groups()) + 1
         present = int(groups.max().item()) + 1 if groups.numel() else 1  # trailing empty groups cost nothing
-        out_g, lse_g = group_partials(q, k, v, groups, present, scale=scaling,
-                                      causal=causal, key_padding=key_padding,
-                                      window=window, backend=kernel)  # [B,H,Q,G,D], [B,H,Q,G]
+        out_g, lse_g = group_partials(q, k, v, groups, present, scale=scaling, mask=keys,
+                                      backend=kernel)  # [B,H,Q,G,D], [B,H,Q,G]
         heads = entry.heads_on(q.device)
         mass = torch.nn.functional.pad(group_mass(lse_g), (0, num_groups - present))  # [B,H,Q,G]
         factors = iv.group_factors(mass, ctx).float()[..., :present]  # [B,H,Q,G_present]

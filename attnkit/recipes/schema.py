@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BACKENDS = ("auto", "eager", "torch", "triton")
+from attnkit.kernels.backends import REQUESTABLE as BACKENDS  # the one list of backends
+
 TOP_KEYS = ("name", "version", "description", "backend", "targets", "interventions")
 ENTRY_KEYS = ("method", "layers", "heads", "modules", "component", "target", "params")
 TARGET_KEYS = ("layers", "heads", "modules", "component")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernel_ref as ref
-from attnkit.kernels import grouped
+from attnkit.kernels import grouped, masks
 from attnkit.kernels.grouped import biased_attention, combine_groups, group_mass, group_partials
 
 SCALE = 0.25
@@ -169,7 +169,7 @@ def test_chunked_fallback_and_device_math(monkeypatch, case):
     B, K = q.shape[0], k.shape[2]
     key_group = torch.randint(0, 3, (B, K), generator=torch.Generator().manual_seed(1))
     monkeypatch.setattr(grouped, "MAX_SPAN_RUNS", 2)
-    monkeypatch.setattr(grouped, "CHUNK_ELEMENTS", 64)  # chunks of 16 queries
+    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 64)  # chunks of 16 queries
     r_out, r_lse = ref.group_partials(q, k, v, key_group, 3, SCALE, **kw)
     out_g, lse_g = group_partials(q, k, v, key_group, 3, scale=SCALE, **kw)
     assert ref.rel_err(out_g, r_out) < 1e-5 and ref.rel_err(lse_g, r_lse) < 1e-5

@@ -34,10 +34,14 @@ from attnkit.interventions.sinks.detect import act_sinks_from_columns
 
 
 def act_calibrate_row(probs: torch.Tensor, sinks: torch.Tensor, beta: float = 0.4) -> torch.Tensor:
-    """Reference rule on materialised rows ``[..., K]`` with a sink mask broadcastable to it."""
+    """Reference rule on materialised rows ``[..., K]`` with a sink mask broadcastable to it.
+
+    The non-sink mass is summed over the non-sink keys, never taken as "total − sink mass": when sinks hold almost
+    all of a row (1 − 1e-7) the difference would keep no correct digit in fp32."""
     probs = probs.float()
+    sinks = sinks.to(torch.bool)
     sink_mass = (probs * sinks).sum(-1, keepdim=True)  # [..., 1]
-    rest = probs.sum(-1, keepdim=True) - sink_mass
+    rest = (probs * ~sinks).sum(-1, keepdim=True)  # [..., 1]
     budget = (1.0 - beta) * sink_mass
     calibrated = torch.where(sinks, beta * probs, probs + budget * probs / rest.clamp_min(1e-30))
     return torch.where(rest > 0, calibrated, probs)
@@ -45,11 +49,20 @@ def act_calibrate_row(probs: torch.Tensor, sinks: torch.Tensor, beta: float = 0.
 
 def act_factors(mass: torch.Tensor, sink_groups: torch.Tensor, beta: float) -> torch.Tensor:
     """Factors ``[B, H, Q, G]`` from masses ``[B, H, Q, G]`` and ``sink_groups`` bool ``[B, H, G]`` (group g is a sink
-    group for head h). Sinks ×β, other groups ×(1−βS)/(1−S), so ``Σ M_g c_g = 1``."""
-    sink_g = sink_groups[:, :, None, :]  # [B, H, 1, G]
+    group for head h). Sinks ×β, other groups ×(1 + (1−β)S/R) with S the sink mass and R the non-sink mass, so
+    ``Σ M_g c_g = S + R``. R is the sum of the non-sink groups and the factor is written without "1 − S": both
+    would cancel catastrophically when sinks take almost all of a row.
+
+    Example (sinks hold 1 − 1e-7 of the row; the 1e-7 left must grow to 1e-7 + 0.6·(1 − 1e-7)):
+        >>> mass = torch.tensor([1e-7, 1 - 1e-7]).view(1, 1, 1, 2)
+        >>> f = act_factors(mass, torch.tensor([[[False, True]]]), beta=0.4)
+        >>> round(float(f[..., 0] * mass[..., 0]), 7), round(float(f[..., 1] * mass[..., 1]), 7)
+        (0.6000001, 0.3999999)
+    """
+    sink_g = sink_groups[:, :, None, :].to(torch.bool)  # [B, H, 1, G]
     s = (mass * sink_g).sum(-1, keepdim=True)  # [B, H, Q, 1]
-    rest = mass.sum(-1, keepdim=True) - s
-    other = (1.0 - beta * s) / rest.clamp_min(1e-30)  # [B, H, Q, 1]
+    rest = (mass * ~sink_g).sum(-1, keepdim=True)  # [B, H, Q, 1]: summed directly, no cancellation
+    other = 1.0 + (1.0 - beta) * s / rest.clamp_min(1e-30)  # [B, H, Q, 1]
     factors = torch.where(sink_g, torch.full_like(mass, beta), other.expand_as(mass))
     return torch.where((rest > 1e-12) & (s > 0), factors, torch.ones_like(factors))
 

@@ -9,7 +9,7 @@ import attnkit
 from attnkit.hooks.compat import cache_kwargs, output_cache
 from attnkit.interventions.sinks.act import ACT, act_calibrate_row, act_factors
 from attnkit.interventions.sinks.detect import act_column_scores, act_sinks
-from attnkit.kernels import torch_path
+from attnkit.kernels.backends import BACKENDS
 from attnkit.kernels.eager import reweight_groups
 from attnkit.testing import tiny_causal_lm
 
@@ -108,7 +108,7 @@ def test_generate_reuses_prefill_sinks():
 
 def test_parity_with_fast_backend():
     """ACT on the fused torch backend (key statistics from q/k, exact group partials) equals the eager reference."""
-    assert {"group_factors", "key_stats"} <= torch_path.CAPABILITIES
+    assert {"group_factors", "key_stats"} <= BACKENDS.get("torch").capabilities
     model = tiny_causal_lm("llama", num_hidden_layers=3)
     ids = torch.randint(3, 100, (3, 12), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)

@@ -5,7 +5,7 @@ import torch
 
 import attnkit
 from attnkit.interventions.sinks.var import VAR, var_factors
-from attnkit.kernels import torch_path
+from attnkit.kernels.backends import BACKENDS
 from attnkit.kernels.eager import reweight_groups
 from attnkit.testing import tiny_vlm, vlm_inputs
 
@@ -131,7 +131,7 @@ def test_generate_with_cache_equals_no_cache_recomputation():
 
 
 def test_parity_with_fast_backend():
-    if "group_factors" not in torch_path.CAPABILITIES:
+    if "group_factors" not in BACKENDS.get("torch").capabilities:
         pytest.skip("torch backend has no group_factors yet (kernels/grouped.py not registered); eager only")
     model = tiny_vlm("llava")
     inputs = vlm_inputs("llava", model, batch=2, left_pad=2)
