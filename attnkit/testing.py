@@ -24,10 +24,10 @@ TEXT_FAMILIES = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
 }
-VISION_FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3")
-#: also buildable, not (yet) in the supported list: ``gemma3`` attends bidirectionally inside each image block
-#: (``token_type_ids``) and has a sliding-window layer, so its masks are not "causal + padding" (kernel mask tests)
-TINY_VLM_FAMILIES = VISION_FAMILIES + ("gemma3",)
+#: ``gemma3`` attends bidirectionally inside each image block (``token_type_ids``) and has a sliding-window layer,
+#: so its masks are not "causal + padding": the family that keeps the fused paths honest about the model's mask
+VISION_FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3", "gemma3")
+TINY_VLM_FAMILIES = VISION_FAMILIES
 
 _COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256,

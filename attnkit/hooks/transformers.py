@@ -42,7 +42,7 @@ _ORIGINAL = "_attnkit_original_config"
 #: Families whose attention goes through transformers' AttentionInterface and that the test-suite covers.
 TESTED_FAMILIES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox",
-    "llava", "llava_next", "qwen2_vl", "idefics3",
+    "llava", "llava_next", "qwen2_vl", "idefics3", "gemma3",
 )
 
 #: module -> (weakref to its Site, weakref to the adapter running it); weak keys and values: nothing here keeps
