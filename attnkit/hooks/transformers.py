@@ -307,7 +307,9 @@ class TransformersAdapter:
             return
         tracked = self.tracker.length if self.tracker.batch == batch else None
         past = compat.past_length(bound, new_len, tracked)
-        self.tracker.observe(ids, bound.get("attention_mask"), past, batch, new_len)
+        mask = bound.get("attention_mask")  # a decoder may get a dict of prebuilt masks: only a 2-D one is read
+        self.tracker.observe(ids, mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None, past,
+                             batch, new_len)
 
     def _pre_outer(self, module, args, kwargs):
         if self._detached or self.handle is None:
@@ -327,6 +329,8 @@ class TransformersAdapter:
 
     def _post_outer(self, module, args, kwargs, output):
         """Runs also when the forward raised (``always_call``)."""
+        if self._detached:  # the end of a nested detached call says nothing about the tracked one around it
+            return
         self._observed_by_outer = False
         if self.handle is not None and not self._detached and output is not None:
             self.handle._warn_idle(self._calls_at_start)
