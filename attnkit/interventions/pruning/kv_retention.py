@@ -48,6 +48,7 @@ class KVRetention(Intervention):
     name = "kv-retention"
     requires = frozenset({"text_decoder"})
     description = "full KV cache for retrieval heads, sink + window for the others (per KV head)"
+    exclusive = "kv-cache"
 
     def __init__(self, retrieval_heads=None, sinks: int = 4, window: int = 256, **target):
         if target.get("heads") is not None:
