@@ -146,6 +146,7 @@ def read_yaml(text: str, source: str = "<string>") -> tuple[object, dict[tuple, 
             root = loader.get_single_node()
             lines = _line_map(loader, root)
             data = loader.construct_document(root) if root is not None else None
+            lines.setdefault((), 1)  # an empty document: whole-document errors point at line 1
         finally:
             loader.dispose()
     except yaml.YAMLError as err:

@@ -476,6 +476,29 @@ class Recipe:
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
+    def locate_error(self, message: str) -> str:
+        """``file:line: field: message`` for an attach-time error about this recipe: the entry whose method the
+        message names (the later one for a conflict between two), ``backend`` for a backend refusal.
+
+        Example:
+            >>> r = Recipe.from_dict({"name": "d", "version": 1, "interventions": [{"method": "noop"}]})
+            >>> r.locate_error("noop: layer 9 is out of range")
+            '<dict>: interventions[0]: noop: layer 9 is out of range'
+        """
+        if message.startswith(f"{self.source}:"):
+            return message
+        path: tuple = ("interventions",)
+        named = [i for i, e in enumerate(self.interventions)
+                 if re.search(rf"(?<![\w-]){re.escape(str(e.get('method')))}(?![\w-])", message)]
+        first = next((i for i, e in enumerate(self.interventions) if message.startswith(f"{e.get('method')}:")), None)
+        if first is not None:
+            path = ("interventions", first)
+        elif named:
+            path = ("interventions", named[-1])
+        elif message.startswith("layer ") and self.backend != "auto":
+            path = ("backend",)
+        return str(_Where(self.source, self.lines).error(path, message))
+
     def describe(self) -> str:
         methods = " → ".join(e["method"] for e in self.interventions) or "(no interventions)"
         return f"{self.name} v{self.version} [{self.backend}]: {methods}"
