@@ -83,6 +83,8 @@ _RecipeLoader.add_constructor(_INT_TAG, _RecipeLoader.construct_yaml_int)
 
 def _key_of(loader: _RecipeLoader, key_node):
     """The Python value of a mapping key node (its raw text when it is not a scalar)."""
+    if key_node.tag == "tag:yaml.org,2002:merge":
+        return "<<"
     if isinstance(key_node, yaml.ScalarNode):
         return loader.construct_object(key_node, deep=True)
     return key_node.value if isinstance(key_node.value, str) else repr(key_node.start_mark)
