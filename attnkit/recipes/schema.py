@@ -382,7 +382,7 @@ class Recipe:
                                                        f"({err}); escape special characters such as '.' or '['") from None
 
     def _validate_entries(self, where: _Where, base_dir: Path | None) -> None:
-        from attnkit.interventions import INTERVENTIONS, load_builtin
+        from attnkit.interventions import INTERVENTIONS, load_builtin, load_plugins
 
         load_builtin()
         seen: dict[str, int] = {}
@@ -393,6 +393,8 @@ class Recipe:
             method = entry.get("method")
             if not isinstance(method, str):
                 raise where.error(path, "missing required field 'method' (a registered intervention name)")
+            if method not in INTERVENTIONS:
+                load_plugins()  # a package that declares it may have been installed since the first look
             if method not in INTERVENTIONS:
                 raise where.error(path + ("method",), f"unknown method {method!r}"
                                   f"{_did_you_mean(method, INTERVENTIONS.names())} "
