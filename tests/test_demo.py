@@ -110,3 +110,15 @@ def test_sink_figure_shares_its_y_axis(demo_run):
     np.testing.assert_allclose(lines[0]["first token"], summary["first_token_mass_stock"], atol=1e-6)
     np.testing.assert_allclose(lines[1]["other sinks (column score > 0.1)"], summary["other_sink_mass_intervened"],
                                atol=1e-6)
+
+
+def test_readme_snippet_prints_what_the_readme_shows(smollm2, monkeypatch, capsys):
+    """The README's Python snippet runs and prints exactly the block the README shows after it."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code, shown = re.search(r"```python\n(.*?)```\n\nprints\n\n```\n(.*?)```", readme, re.S).groups()
+    monkeypatch.setattr("attnkit.models.load_smollm2", lambda: smollm2)
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out == shown
