@@ -39,8 +39,8 @@ def _side_by_side(left: str, right: str, titles=("baseline", "intervened")) -> s
     """Two texts in two columns.
 
     Example:
-        >>> print(_side_by_side("Paris.", "Paris, France.").splitlines()[2].rstrip())
-        Paris.                         | Paris, France.
+        >>> [cell.strip() for cell in _side_by_side("Paris.", "Paris, France.").splitlines()[2].split("|")]
+        ['Paris.', 'Paris, France.']
     """
     width = max(30, (shutil.get_terminal_size((120, 20)).columns - 3) // 2)
     lcol = [ln for para in left.splitlines() or [""] for ln in (textwrap.wrap(para, width) or [""])]
