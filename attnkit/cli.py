@@ -2,6 +2,7 @@
 
     attnkit apply RECIPE --model M --prompt TEXT [--span NAME=TEXT ...] [--image FILE] [--device D] [--dtype T]
     attnkit apply RECIPE --pipeline DIR --prompt TEXT [--out DIR] [--steps N] [--seed S]   # diffusion recipes
+    attnkit apply prompt-to-prompt --pipeline DIR --prompt "a red cat" --target-prompt "a blue cat"
     attnkit presets                 # packaged recipes: model kind, spans they read, model they were tuned for
     attnkit show RECIPE             # print a recipe (validated) as YAML
     attnkit eval --model PATH --task NAME --recipes baseline a.yaml …   (see ``python -m attnkit.eval --help``)
@@ -147,6 +148,8 @@ def check_target(needs, args, recipe_name: str) -> None:
         if args.image is not None or args.span:
             raise UsageError(f"recipe {recipe_name} runs on a diffusion pipeline: --image and --span do not apply")
         return
+    if args.target_prompt:
+        raise UsageError("--target-prompt is for prompt-editing diffusion recipes such as prompt-to-prompt")
     if args.pipeline is not None:
         raise UsageError(f"recipe {recipe_name} needs a language model ({needs.kind}): pass --model, not --pipeline")
     if args.model is None:
@@ -257,11 +260,32 @@ def apply(recipe: str, model_path: str, prompt: str, image: str | None = None, m
     return decode(base[0, n:], skip_special_tokens=True), decode(edited[0, n:], skip_special_tokens=True)
 
 
+def edits_prompts(recipe) -> bool:
+    """Whether the recipe edits a source prompt into target prompts (an intervention with ``set_prompts``)."""
+    return any(callable(getattr(iv, "set_prompts", None)) for iv in recipe.build_interventions())
+
+
+def _shared_latents(pipe, n: int, seed: int, height: int | None, width: int | None):
+    """One initial latent ``[1, C, h, w]`` repeated ``n`` times (prompt edits compare images from the same noise)."""
+    import torch
+
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise UsageError("prompt edits from the command line need a UNet pipeline (Stable Diffusion 1.x/2.x/XL); "
+                         "for other pipelines use the Python API (see the prompt-to-prompt docstring)")
+    scale = pipe.vae_scale_factor
+    size = unet.config.sample_size * scale
+    shape = (1, unet.config.in_channels, (height or size) // scale, (width or size) // scale)
+    latents = torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(seed))
+    return latents.to(unet.device, unet.dtype).expand(n, -1, -1, -1)
+
+
 def apply_pipeline(recipe: str, pipeline_path: str, prompt: str, out: str, steps: int = 20,
                    guidance_scale: float = 7.5, seed: int = 0, height: int | None = None, width: int | None = None,
-                   dtype=None, device: str | None = None) -> tuple[Path, Path]:
+                   dtype=None, device: str | None = None, target_prompts=()) -> list[Path]:
     """Run a diffusers pipeline with the same seed without and with ``recipe``; writes ``baseline.png`` and
-    ``<recipe name>.png`` into ``out`` and returns their paths."""
+    ``<recipe name>.png`` into ``out`` and returns their paths. With ``target_prompts`` (prompt-editing recipes)
+    every prompt is drawn from one shared latent and target k is written as ``baseline-k.png`` / ``<name>-k.png``."""
     import torch
 
     import attnkit
@@ -270,21 +294,30 @@ def apply_pipeline(recipe: str, pipeline_path: str, prompt: str, out: str, steps
 
     rec = load_recipe(recipe)
     pipe = load_pipeline(pipeline_path, **_only_set(dtype=dtype, device=device))
+    prompts = [prompt, *target_prompts]
     kw = dict(num_inference_steps=steps, guidance_scale=guidance_scale, **_only_set(height=height, width=width))
+    if target_prompts:
+        kw["latents"] = _shared_latents(pipe, len(prompts), seed, height, width)
 
     def run():
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        return pipe(prompt, generator=generator, **kw).images[0]
+        return pipe(prompts if target_prompts else prompt, generator=generator, **kw).images
 
     with torch.no_grad():
         base = run()
-        with attnkit.attach(pipe, rec):
+        with attnkit.attach(pipe, rec) as handle:
+            for iv in handle.interventions:
+                if target_prompts and callable(getattr(iv, "set_prompts", None)):
+                    iv.set_prompts(prompts)
             edited = run()
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = folder / "baseline.png", folder / f"{rec.name}.png"
-    base.save(paths[0])
-    edited.save(paths[1])
+    paths = []
+    for k, (b, e) in enumerate(zip(base, edited)):
+        suffix = f"-{k}" if k else ""
+        for stem, image in (("baseline", b), (rec.name, e)):
+            paths.append(folder / f"{stem}{suffix}.png")
+            image.save(paths[-1])
     return paths
 
 
@@ -308,6 +341,9 @@ def _parser() -> argparse.ArgumentParser:
     p_apply.add_argument("--raw", action="store_true", help="do not apply the chat template")
     diff = p_apply.add_argument_group("diffusion pipelines")
     diff.add_argument("--out", default="attnkit_out", help="folder for baseline.png and <recipe>.png")
+    diff.add_argument("--target-prompt", action="append", default=[], metavar="TEXT",
+                      help="prompt-editing recipes (prompt-to-prompt): a target prompt, drawn from the same noise as "
+                           "--prompt; repeatable")
     diff.add_argument("--steps", type=int, default=20, help="denoising steps")
     diff.add_argument("--guidance-scale", type=float, default=7.5)
     diff.add_argument("--seed", type=int, default=0)
@@ -335,11 +371,19 @@ def _run_apply(args) -> int:
     check_target(needs, args, recipe.name)
     dtype, device = models.parse_dtype(args.dtype), models.check_device(args.device)
     if args.pipeline is not None:
+        editing = edits_prompts(recipe)
+        if editing and not args.target_prompt:
+            raise UsageError(f"recipe {recipe.name} edits --prompt into target prompts: add --target-prompt TEXT "
+                             "(repeatable), e.g. the same prompt with one word changed")
+        if args.target_prompt and not editing:
+            raise UsageError(f"--target-prompt is for prompt-editing recipes; {recipe.name} does not edit prompts")
         source = models.resolve_model(args.pipeline, marker="model_index.json")
         paths = apply_pipeline(recipe, source, args.prompt, args.out, args.steps, args.guidance_scale, args.seed,
-                               args.height, args.width, dtype=dtype, device=device)
+                               args.height, args.width, dtype=dtype, device=device, target_prompts=args.target_prompt)
         print(f"recipe: {recipe.describe()}\nprompt: {args.prompt}\nwrote {paths[0]} (baseline) and {paths[1]} "
               f"({recipe.name}), seed {args.seed}, {args.steps} steps")
+        for k, target in enumerate(args.target_prompt, 1):
+            print(f"target {k}: {target!r} -> {paths[2 * k]} (baseline) and {paths[2 * k + 1]} ({recipe.name})")
         return 0
     spans = parse_spans(args.span, args.prompt)
     check_spans(needs, spans, recipe.name)

@@ -219,3 +219,45 @@ def test_pag_preset_on_a_pipeline_folder(tiny_pipeline_dir, tmp_path):
     assert stock.shape == got["baseline"].shape == (8, 8, 3)
     assert np.array_equal(got["baseline"], stock) and np.array_equal(got["pag-sd"], guided)  # PNG is lossless
     assert np.abs(got["pag-sd"].astype(int) - got["baseline"]).max() > 2  # PAG changed the image
+
+
+def test_prompt_to_prompt_preset_on_a_pipeline_folder(tiny_pipeline_dir, tmp_path):
+    """apply prompt-to-prompt --target-prompt: one shared latent; the edited target equals the documented Python
+    route (set_prompts + latents expanded), the source image is untouched, the target changes."""
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    source, target = "a red cat", "a blue cat"
+    out = run_cli("apply", "prompt-to-prompt", "--pipeline", str(tiny_pipeline_dir), "--prompt", source,
+                  "--target-prompt", target, "--steps", "3", "--seed", "5", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    got = {p.stem: np.asarray(Image.open(p)) for p in tmp_path.glob("*.png")}
+    assert sorted(got) == ["baseline", "baseline-1", "prompt-to-prompt", "prompt-to-prompt-1"]
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    x_t = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5)).expand(2, -1, -1, -1)
+
+    def run():
+        return [np.asarray(im) for im in pipe([source, target], latents=x_t, num_inference_steps=3,
+                                              guidance_scale=7.5, generator=torch.Generator().manual_seed(5)).images]
+
+    with torch.no_grad():
+        stock = run()
+        with attnkit.attach(pipe, "prompt-to-prompt") as handle:
+            handle.interventions[0].set_prompts([source, target])
+            edited = run()
+    assert np.array_equal(got["baseline"], stock[0]) and np.array_equal(got["baseline-1"], stock[1])
+    assert np.array_equal(got["prompt-to-prompt-1"], edited[1])
+    assert np.array_equal(got["prompt-to-prompt"], got["baseline"])  # the source is not edited
+    assert not np.array_equal(got["prompt-to-prompt-1"], got["baseline-1"])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["apply", "prompt-to-prompt", "--pipeline", "/p", "--prompt", "a cat"], "add --target-prompt TEXT"),
+    (["apply", "pag-sd", "--pipeline", "/p", "--prompt", "a cat", "--target-prompt", "a dog"],
+     "pag-sd does not edit prompts"),
+    (["apply", "noop", "--model", "smollm2", "--prompt", "hi", "--target-prompt", "ho"], "prompt-editing diffusion"),
+])
+def test_target_prompt_errors(args, words, never_load, capsys):
+    assert cli.main(args) == 2
+    assert words in one_line_error(capsys.readouterr().err)
