@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -199,11 +200,8 @@ class ModelSource:
         from transformers import AutoConfig
 
         kw = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-        try:
+        with _loading(self.name):
             return AutoConfig.from_pretrained(self.path, local_files_only=self.local_files_only, **kw)
-        except (OSError, ValueError, KeyError) as err:
-            raise ModelLoadError(f"cannot read the configuration of model {self.name!r}: "
-                                 f"{str(err).splitlines()[0]}") from None
 
 
 def _looks_like_path(text: str) -> bool:
@@ -281,6 +279,20 @@ def is_vision_language(config) -> bool:
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _loading(name: str):
+    """Turn a loader's OSError/ValueError/KeyError (repo not found, unrecognised config, missing files or entries)
+    into one sentence."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as err:
+        if isinstance(err, ModelLoadError):
+            raise
+        text = f"its files lack the entry {err.args[0]!r}" if isinstance(err, KeyError) and err.args else str(err)
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+        raise ModelLoadError(f"cannot load {name!r}: {first}") from None
+
+
 def load_model(name_or_path, dtype=None, attn_implementation: str = "sdpa", device: str | None = None, **kwargs):
     """Load any causal LM and its tokenizer: ``"smollm2"`` for the packaged model, otherwise ``from_pretrained`` on
     a folder, a GGUF file or a hub name, checked first with :func:`resolve_model` (a :class:`ModelSource` is
@@ -298,10 +310,12 @@ def load_model(name_or_path, dtype=None, attn_implementation: str = "sdpa", devi
         kw = dict(local_files_only=source.local_files_only)
         if source.gguf_file:
             kw["gguf_file"] = source.gguf_file
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype or torch.float32, attn_implementation=attn_implementation, **kw, **kwargs
-        )
+        source.config()  # an unreadable config is reported as such, before the tokenizer's own complaints
+        with _loading(source.name):
+            tokenizer = AutoTokenizer.from_pretrained(source.path, **kw)
+            model = AutoModelForCausalLM.from_pretrained(
+                source.path, dtype=dtype or torch.float32, attn_implementation=attn_implementation, **kw, **kwargs
+            )
         model.eval()
     if device is not None:
         model.to(device)
@@ -314,8 +328,9 @@ def load_vision_language(source: ModelSource, dtype=None, device: str | None = N
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     kw = dict(local_files_only=source.local_files_only)
-    processor = AutoProcessor.from_pretrained(source.path, **kw)
-    model = AutoModelForImageTextToText.from_pretrained(source.path, dtype=dtype or torch.float32, **kw).eval()
+    with _loading(source.name):
+        processor = AutoProcessor.from_pretrained(source.path, **kw)
+        model = AutoModelForImageTextToText.from_pretrained(source.path, dtype=dtype or torch.float32, **kw).eval()
     if device is not None:
         model.to(check_device(device))
     return model, processor
@@ -338,7 +353,8 @@ def load_pipeline(name_or_path, dtype=None, device: str | None = None):
     from diffusers import DiffusionPipeline
 
     kw = {"dtype": dtype} if dtype is not None else {}
-    pipe = DiffusionPipeline.from_pretrained(source.path, local_files_only=source.local_files_only, **kw)
+    with _loading(source.name):
+        pipe = DiffusionPipeline.from_pretrained(source.path, local_files_only=source.local_files_only, **kw)
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -153,3 +153,12 @@ def test_vision_language_detection(tmp_path):
     tiny_causal_lm("qwen2").config.save_pretrained(tmp_path / "qwen2")
     assert models.is_vision_language(resolve_model(str(tmp_path / "llava")).config())
     assert not models.is_vision_language(resolve_model(str(tmp_path / "qwen2")).config())
+
+
+def test_unreadable_config_is_one_sentence(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=r"cannot load '.*': Unrecognized model in .* `model_type`"):
+        models.load_model(str(tmp_path))
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        models.load_pipeline(str(tmp_path))

@@ -62,7 +62,8 @@ def intervention_requires(iv) -> frozenset[str] | None:
         ['span:question', 'text_decoder']
     """
     declared = getattr(iv, "requires", None)
-    requires = FALLBACK_REQUIRES.get(getattr(iv, "name", "")) if declared is None else declared
+    # an empty set may be a base-class default rather than a declaration: the table knows the built-ins better
+    requires = declared if declared else FALLBACK_REQUIRES.get(getattr(iv, "name", ""), declared)
     if requires is None:
         return None
     requires = frozenset(requires)
