@@ -7,12 +7,14 @@ Each intervention says what it needs in a class (or instance) attribute ``requir
 ``image_tokens``    image tokens in the input sequence (``config.image_token_id``): a vision-language model
 ``vision_tower``    a CLIP-style vision encoder whose attention the method reads
 ``denoiser``        a diffusers UNet / transformer (a pipeline)
+``causal_lm``       a language-model head
 ``rope``            rotary position embeddings
+``cross_attention`` / ``joint_attention``  diffusion attention kinds
 ``span:NAME``       a user span ``NAME`` marked with ``handle.set_span`` (``--span NAME=TEXT`` on the CLI)
 ==================  =====================================================================================
 
-Interventions without ``requires`` are looked up in :data:`FALLBACK_REQUIRES` (the built-in methods) and are
-otherwise "unknown". ``span:`` entries follow the instance: an intervention with a ``span`` parameter reads the span
+(:data:`attnkit.description.FEATURES` is the authoritative list.) Interventions with an empty ``requires`` (the base-class default) are looked up in :data:`FALLBACK_REQUIRES` (the
+built-in methods) and are otherwise "unknown": they may run anywhere and read any span. ``span:`` entries follow the instance: an intervention with a ``span`` parameter reads the span
 its parameter names.
 
 Example:
@@ -53,8 +55,8 @@ FALLBACK_REQUIRES: dict[str, frozenset[str]] = {
 }
 
 
-def intervention_requires(iv) -> frozenset[str] | None:
-    """What one Intervention (class or instance) needs; None when neither it nor the fallback table says.
+def intervention_requires(iv) -> frozenset[str]:
+    """What one Intervention (class or instance) needs; empty when neither it nor the fallback table says.
 
     Example:
         >>> from attnkit import get_intervention
@@ -62,11 +64,8 @@ def intervention_requires(iv) -> frozenset[str] | None:
         ['span:question', 'text_decoder']
     """
     declared = getattr(iv, "requires", None)
-    # an empty set may be a base-class default rather than a declaration: the table knows the built-ins better
-    requires = declared if declared else FALLBACK_REQUIRES.get(getattr(iv, "name", ""), declared)
-    if requires is None:
-        return None
-    requires = frozenset(requires)
+    # an empty set is the base-class default rather than a declaration: the table knows the built-ins better
+    requires = frozenset(declared or FALLBACK_REQUIRES.get(getattr(iv, "name", ""), ()))
     span = getattr(iv, "span", None) if not isinstance(iv, type) else None
     if isinstance(span, str) and any(r.startswith("span:") for r in requires):  # the span its parameter names
         requires = frozenset(r for r in requires if not r.startswith("span:")) | {f"span:{span}"}
@@ -77,14 +76,14 @@ def model_kind(requires) -> str:
     """``"diffusion"``, ``"VLM"``, ``"LLM/VLM"`` (any language model) or ``"?"`` for a set of requirements.
 
     Example:
-        >>> model_kind({"text_decoder", "image_tokens"}), model_kind({"text_decoder"}), model_kind(set())
+        >>> model_kind({"text_decoder", "image_tokens"}), model_kind({"causal_lm"}), model_kind(set())
         ('VLM', 'LLM/VLM', '?')
     """
-    if _DENOISER in requires:
+    if requires & {_DENOISER, "cross_attention", "joint_attention"}:
         return "diffusion"
     if requires & {_IMAGE, _VISION}:
         return "VLM"
-    return "LLM/VLM" if _TEXT in requires else "?"
+    return "LLM/VLM" if requires & {_TEXT, "causal_lm"} else "?"
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ def recipe_needs(recipe) -> Needs:
     unknown = []
     for iv in recipe.build_interventions():
         req = intervention_requires(iv)
-        if req is None:
+        if not req:
             unknown.append(iv.name)
         else:
             requires |= req

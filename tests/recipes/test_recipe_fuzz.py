@@ -20,7 +20,6 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import attnkit  # noqa: E402
-from attnkit.api import _ATTACHED  # noqa: E402
 from attnkit.interventions import INTERVENTIONS, load_builtin  # noqa: E402
 from attnkit.recipes import RecipeError, loads_recipe  # noqa: E402
 from attnkit.recipes.schema import ENTRY_KEYS, TOP_KEYS, constructor_params  # noqa: E402
@@ -180,8 +179,9 @@ STOCK_HOOKS = hook_count(stock()[0])
 
 
 def assert_stock(model, ids, ref) -> None:
-    """No handle left on the model, the stock attention implementation, no extra hooks, bitwise-stock outputs."""
-    assert id(model) not in _ATTACHED or _ATTACHED[id(model)].removed
+    """No live handle left on the model (a new one attaches), the stock attention implementation, no extra hooks,
+    bitwise-stock outputs."""
+    attnkit.attach(model, []).remove()
     assert model.config._attn_implementation == "sdpa"
     assert hook_count(model) == STOCK_HOOKS
     with torch.no_grad():

@@ -13,7 +13,7 @@ class Declared(Intervention):
 
 
 class Undeclared(Intervention):
-    name = "third-party-thing"
+    name = "third-party-thing"  # inherits the base class's empty requires
 
 
 class EmptyDefault(Intervention):
@@ -23,7 +23,7 @@ class EmptyDefault(Intervention):
 
 def test_declared_requires_win_and_fallback_fills_in():
     assert intervention_requires(Declared()) == {"denoiser"}
-    assert intervention_requires(Undeclared()) is None
+    assert intervention_requires(Undeclared()) == frozenset()
     assert intervention_requires(EmptyDefault()) == FALLBACK_REQUIRES["act"]
 
 
@@ -56,5 +56,5 @@ def test_every_builtin_has_requirements():
     from attnkit.interventions import INTERVENTIONS, load_builtin
 
     load_builtin()
-    assert {n for n in INTERVENTIONS.names() if intervention_requires(INTERVENTIONS.get(n)) is None} == set()
+    assert {n for n in INTERVENTIONS.names() if not intervention_requires(INTERVENTIONS.get(n))} == set()
     assert recipe_needs(load_recipe("var-llava")).tuned_for == "llava-1.5-7b"
