@@ -140,7 +140,8 @@ def check_spans(needs, spans: dict[str, str], recipe_name: str) -> None:
 
 
 def check_target(needs, args, recipe_name: str) -> None:
-    """The recipe's kind of model matches --model / --pipeline / --image."""
+    """The recipe's kind of model matches --model / --pipeline / --image (a recipe of undeclared methods, kind
+    ``"?"``, may go to either)."""
     if needs.kind == "diffusion":
         if args.pipeline is None:
             raise UsageError(f"recipe {recipe_name} is for diffusion pipelines: pass --pipeline DIR (a folder written "
@@ -148,6 +149,8 @@ def check_target(needs, args, recipe_name: str) -> None:
         if args.image is not None or args.span:
             raise UsageError(f"recipe {recipe_name} runs on a diffusion pipeline: --image and --span do not apply")
         return
+    if needs.kind == "?" and args.pipeline is not None:
+        return  # its methods do not say what they need: let attach decide
     if args.target_prompt:
         raise UsageError("--target-prompt is for prompt-editing diffusion recipes such as prompt-to-prompt")
     if args.pipeline is not None:

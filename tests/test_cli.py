@@ -261,3 +261,18 @@ def test_prompt_to_prompt_preset_on_a_pipeline_folder(tiny_pipeline_dir, tmp_pat
 def test_target_prompt_errors(args, words, never_load, capsys):
     assert cli.main(args) == 2
     assert words in one_line_error(capsys.readouterr().err)
+
+
+def test_undeclared_recipes_may_go_to_a_model_or_a_pipeline():
+    from types import SimpleNamespace
+
+    from attnkit.recipes.needs import Needs
+
+    unknown = Needs("?", frozenset(), (), None, ("third-party",))
+    for args in (SimpleNamespace(pipeline="p", model=None, image=None, span=[], target_prompt=[]),
+                 SimpleNamespace(pipeline=None, model="m", image=None, span=["x=y"], target_prompt=[])):
+        cli.check_target(unknown, args, "r")  # no refusal: attach decides
+    cli.check_spans(unknown, {"anything": "y"}, "r")
+    llm = Needs("LLM/VLM", frozenset({"text_decoder"}), (), None)
+    with pytest.raises(cli.UsageError, match="pass --model, not --pipeline"):
+        cli.check_target(llm, SimpleNamespace(pipeline="p", model=None, image=None, span=[], target_prompt=[]), "r")

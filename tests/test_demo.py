@@ -1,5 +1,6 @@
 """``make demo`` (attnkit.demo) on the real SmolLM2: the texts and figures it writes, against independent references
-(plain transformers generation, eager attention weights, ACT's sink rule)."""
+(plain transformers generation, eager attention weights, ACT's sink rule). Replaces tests/core/test_demo.py, which
+checked the earlier stock-attention-only demo."""
 
 import json
 
@@ -81,6 +82,7 @@ def test_sink_numbers_match_eager_attention_and_act(demo_run, eager_attentions):
     _, _, summary = demo_run
     first = eager_attentions[:, :, 1:, 0].mean(-1).mean(-1)  # [L]
     np.testing.assert_allclose(summary["first_token_mass_stock"], first.numpy(), atol=1e-4)
+    assert first[12:].mean() > 0.3  # the attention sink of real weights (layers 12-29)
     stock, act = np.array(summary["other_sink_mass_stock"]), np.array(summary["other_sink_mass_intervened"])
     np.testing.assert_allclose(act[:2], stock[:2], atol=1e-5)  # layers 0-1: before the recipe's layers 2:-1
     changed = stock[2:29] > 0.02
