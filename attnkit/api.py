@@ -32,6 +32,7 @@ import torch
 from attnkit.capture import Capture
 from attnkit.interventions.base import Intervention, mark_running, release_running
 from attnkit.planning import PlanError, plan
+from attnkit.report import Report
 
 
 class AttachError(ValueError):
@@ -240,8 +241,9 @@ class Handle:
                     f"layers={iv.target.layers!r}); check that the model uses the attention implementation "
                     f"attnkit patched and that the targeted layers run.", RuntimeWarning, stacklevel=3)
 
-    def report(self) -> dict:
-        """Which modules were patched, with which backend, and how often each intervention ran."""
+    def report(self) -> Report:
+        """Which modules were patched, with which backend, and how often each intervention ran: a dict that
+        prints as a table (:class:`attnkit.report.Report`)."""
         modules = [
             {"module": s.qualname, "layer": s.layer, "component": s.component, "backend": s.backend.name,
              "interventions": [e.intervention.name for e in s.entries]}
@@ -249,8 +251,8 @@ class Handle:
         ]
         counts = self._intervention_calls()
         calls = {iv.name: counts.get(id(iv), 0) for iv in self.interventions}
-        return {"recipe": self.name, "adapter": self.adapter.framework, "enabled": self.enabled,
-                "removed": self.removed, "modules": modules, "calls": calls}
+        return Report({"recipe": self.name, "adapter": self.adapter.framework, "enabled": self.enabled,
+                       "removed": self.removed, "modules": modules, "calls": calls})
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else ("disabled" if not self.enabled else "active")
@@ -291,6 +293,16 @@ def attach(model_or_pipeline, recipe: Any = (), backend: str = "auto") -> Handle
         from attnkit.recipes import load_recipe
 
         recipe = load_recipe(recipe)
+    try:
+        return _attach(model_or_pipeline, recipe, backend)
+    except AttachError as err:
+        locate = getattr(recipe, "locate_error", None)  # a Recipe names the file, line and entry
+        if locate is None:
+            raise
+        raise AttachError(locate(str(err))) from None
+
+
+def _attach(model_or_pipeline, recipe, backend: str) -> Handle:
     interventions, recipe_backend, name = _as_interventions(recipe)
     for iv in interventions:
         owner = iv.attached_to()
