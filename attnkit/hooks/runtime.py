@@ -34,28 +34,36 @@ class Site:
 
 def attend(runtime, site: Site, query, key, value, mask, *, scaling: float, causal: bool, softcap, dropout: float,
            make_ctx: Callable, stock: Callable, call_index: int) -> torch.Tensor:
-    """Run ``site``'s plan (or ``stock()`` when it has none) and feed ``runtime.captures`` → ``[B,H,Q,D]``."""
+    """Run ``site``'s plan (or ``stock()`` when it has none) and feed ``runtime.captures`` → ``[B,H,Q,D]``.
+
+    Captured rows come from the computation that produced the output (the backend returns them), so every hook
+    runs once per layer call, and a capture shows what the fused path really did."""
+    q_len = query.shape[2]
+    wanting = [cap for cap in runtime.captures if cap.wants(site.layer, site.component)]
+    rows = torch.unique(torch.cat([cap.rows(q_len) for cap in wanting])).to(query.device) if wanting else None
+    probs = None
     if site.entries:
-        out = site.backend.run(query, key, value, mask, scaling=scaling, entries=site.entries, make_ctx=make_ctx,
-                               causal=causal, softcap=softcap, dropout=dropout)
+        result = site.backend.run(query, key, value, mask, scaling=scaling, entries=site.entries, make_ctx=make_ctx,
+                                  causal=causal, softcap=softcap, dropout=dropout, rows=rows)
+        out, probs = result if rows is not None else (result, None)
         for entry in site.entries:
             entry.calls += 1
     else:
         out = stock()
-    for cap in runtime.captures:
-        if cap.wants(site.layer, site.component):
-            capture_rows(cap, site, query, key, mask, scaling, causal, softcap, make_ctx, call_index)
+        if rows is not None:  # the stock attention: no hook to apply
+            probs = stock_rows(query, key, mask, rows, scaling=scaling, causal=causal, softcap=softcap)
+    for cap in wanting:
+        mine = cap.rows(q_len).to(query.device)
+        where = torch.searchsorted(rows, mine)  # positions of this capture's rows among the computed ones
+        cap.add(site.layer, call_index, probs[:, :, where], mine, kind=site.kind)
     return out
 
 
-def capture_rows(cap, site: Site, query, key, mask, scaling, causal, softcap, make_ctx, call_index) -> None:
-    """Record the selected query rows' probabilities, with this site's edits applied: ``[B, H, R, K]``."""
-    q_len, k_len = query.shape[2], key.shape[2]
-    rows = cap.rows(q_len).to(query.device)
-    if mask is None and causal and q_len > 1:
-        mask = causal_allowed(q_len, k_len, query.device)[None, None]  # [1, 1, Q, K]
-    if mask is not None and mask.shape[-2] == q_len:
+def stock_rows(query, key, mask, rows, *, scaling, causal, softcap) -> torch.Tensor:
+    """Probabilities ``[B,H,R,K]`` of the query rows ``rows`` under the model's own attention (no edit)."""
+    if mask is not None and mask.shape[-2] == query.shape[2]:
         mask = mask[..., rows, :]
-    probs = eager_probs(query[:, :, rows], key, mask, scaling=scaling, entries=site.entries,
-                        make_ctx=lambda e: make_ctx(e, rows), causal=False, softcap=softcap)  # [B,H,R,K]
-    cap.add(site.layer, call_index, probs, rows, kind=site.kind)
+    elif mask is None and causal and query.shape[2] > 1:
+        mask = causal_allowed(query.shape[2], key.shape[2], query.device)[None, None][..., rows, :]  # [1,1,R,K]
+    return eager_probs(query[:, :, rows], key, mask, scaling=scaling, entries=[], make_ctx=None, causal=False,
+                       softcap=softcap)

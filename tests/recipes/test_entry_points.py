@@ -40,7 +40,7 @@ PLUGIN = textwrap.dedent('''
 def make_distribution(folder: Path, module: str, name: str, entry: str | None = None) -> Path:
     """A minimal installed distribution on ``folder``: a module plus ``*.dist-info`` with ``entry_points.txt``."""
     (folder / f"{module}.py").write_text(PLUGIN.format(name=name))
-    info = folder / f"{module.replace('_', '-')}-0.1.dist-info"
+    info = folder / f"{module}-0.1.dist-info"  # as wheels name it: the name with underscores, then the version
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(f"[attnkit.interventions]\n{name} = {entry or f'{module}:ScaleOut'}\n")
