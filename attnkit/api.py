@@ -39,6 +39,25 @@ class AttachError(ValueError):
     """A recipe that cannot be attached to this model (nothing was changed)."""
 
 
+class MaterialisedAttentionWarning(UserWarning):
+    """``backend="auto"`` had to run some layers on the eager backend, which materialises ``[B, H, Q, K]``."""
+
+
+def _warn_materialised(planned: list, requested: str) -> None:
+    """Say which interventions force the N² eager path on which layers (only when ``auto`` chose it)."""
+    if requested != "auto":
+        return
+    eager = [s for s in planned if s.backend is not None and s.backend.name == "eager"]
+    if not eager:
+        return
+    names = sorted({e.intervention.name for s in eager for e in s.entries})
+    layers = sorted({s.layer for s in eager})
+    warnings.warn(
+        f"attnkit: {', '.join(names)} run(s) on the eager backend on layers {layers}, which materialises the "
+        "[batch, heads, queries, keys] attention matrix (hooks such as edit_scores/edit_probs need it); expect "
+        "quadratic memory in the sequence length", MaterialisedAttentionWarning, stacklevel=4)
+
+
 def _as_interventions(recipe) -> tuple[list[Intervention], str | None, str]:
     """Accept a Recipe, a single Intervention or a list of them."""
     if isinstance(recipe, Intervention):
@@ -332,6 +351,7 @@ def _attach(model_or_pipeline, recipe, backend: str) -> Handle:
     except ValueError as err:
         raise AttachError(str(err)) from None
     mark_running(interventions, handle)
+    _warn_materialised(planned, requested)
     return handle
 
 

@@ -177,3 +177,17 @@ def test_vlm_attach_reaches_text_and_vision_stacks_and_restores_them():
             during = model(**inputs).logits
         assert cap.last(0).shape[-1] == cap.last(0).shape[-2] or cap.last(0).shape[-2] == 1
         assert torch.allclose(during, stock, atol=1e-5) and torch.equal(model(**inputs).logits, stock)
+
+
+def test_auto_warns_when_a_layer_needs_the_materialised_matrix():
+    from attnkit.interventions.steering.cmai import CMAI
+
+    model = tiny_vlm("llava")
+    with pytest.warns(attnkit.MaterialisedAttentionWarning, match=r"cmai .*eager backend on layers \[1\]"):
+        attnkit.attach(model, [CMAI(layers=[1])]).remove()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnkit.MaterialisedAttentionWarning)
+        attnkit.attach(model, [Halve()]).remove()  # fused: no warning
+        attnkit.attach(model, [CMAI(layers=[1])], backend="eager").remove()  # asked for: no warning
