@@ -93,8 +93,9 @@ class Handle:
     Interventions reach the attachment through: :attr:`model`, :attr:`description`, :attr:`tracker`,
     :attr:`active`, :meth:`sites`, :meth:`capture` and :meth:`detached`."""
 
-    def __init__(self, adapter, interventions: list[Intervention], backend: str, name: str):
+    def __init__(self, adapter, interventions: list[Intervention], backend: str, name: str, recipe=None):
         self.adapter = adapter
+        self.recipe = recipe  # the Recipe it was attached from, when there was one
         self.interventions = interventions
         self.requested_backend = backend
         self.name = name
@@ -239,6 +240,34 @@ class Handle:
         if self.tracker is not None:
             self.tracker.clear_spans()
 
+    def save(self, directory) -> "Path":
+        """Write this handle's recipe as ``attnkit_recipe.yaml`` into ``directory`` (e.g. next to a checkpoint
+        written by ``save_pretrained``); ``attnkit.attach(model, directory)`` reads it back.
+
+        Example:
+            >>> import attnkit, tempfile
+            >>> from attnkit.testing import tiny_causal_lm
+            >>> from attnkit.interventions.noop import Noop
+            >>> model, folder = tiny_causal_lm("llama"), tempfile.mkdtemp()
+            >>> with attnkit.attach(model, [Noop(layers=[1])]) as handle:
+            ...     path = handle.save(folder)
+            >>> with attnkit.attach(model, folder) as again:
+            ...     [(iv.name, iv.target.layers) for iv in again.interventions]
+            [('noop', [1])]
+        """
+        from pathlib import Path
+
+        from attnkit.recipes.loader import SAVED_RECIPE
+        from attnkit.recipes.schema import Recipe
+
+        recipe = self.recipe or Recipe.from_interventions(self.interventions, name=self.name,
+                                                          backend=self.requested_backend)
+        folder = Path(directory).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / SAVED_RECIPE
+        path.write_text(recipe.to_yaml(), encoding="utf-8")
+        return path
+
     # ---- reporting ------------------------------------------------------------------------------------------
     def _intervention_calls(self) -> dict[int, int]:
         calls: dict[int, int] = {}
@@ -299,8 +328,10 @@ def _inert_hook(*args):
 
 
 def attach(model_or_pipeline, recipe: Any = (), backend: str = "auto") -> Handle:
-    """Attach a recipe (a :class:`~attnkit.recipes.Recipe`, a recipe name/path, an Intervention or a list of them)
-    to a transformers model or diffusers pipeline. Nothing is changed if anything about the recipe is invalid.
+    """Attach a recipe (a :class:`~attnkit.recipes.Recipe`, a preset name, a YAML path, a folder written by
+    :meth:`Handle.save`, an Intervention or a list of them) to a transformers model or diffusers pipeline.
+    Nothing is changed if anything about the recipe is invalid. One model takes one handle at a time: to run
+    several methods, attach one recipe listing them all (they stack in order).
 
     Example:
         >>> import attnkit
@@ -345,7 +376,8 @@ def _attach(model_or_pipeline, recipe, backend: str) -> Handle:
         planned = plan(adapter, interventions, requested)
     except PlanError as err:
         raise AttachError(str(err)) from None
-    handle = Handle(adapter, interventions, requested, name)
+    handle = Handle(adapter, interventions, requested, name,
+                    recipe=recipe if hasattr(recipe, "build_interventions") else None)
     try:
         handle._install(planned)
     except ValueError as err:

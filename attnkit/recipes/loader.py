@@ -32,6 +32,9 @@ import yaml
 
 from attnkit.recipes.schema import Recipe, RecipeError
 
+#: the file :meth:`attnkit.Handle.save` writes next to a checkpoint; ``load_recipe(folder)`` reads it back
+SAVED_RECIPE = "attnkit_recipe.yaml"
+
 #: deepest nesting of mappings/sequences a recipe may have (real recipes use 5)
 MAX_DEPTH = 32
 
@@ -187,6 +190,8 @@ def load_recipe(name_or_path) -> Recipe:
     if isinstance(name_or_path, Recipe):
         return name_or_path
     text_path = Path(str(name_or_path)).expanduser()
+    if text_path.is_dir() and (text_path / SAVED_RECIPE).is_file():  # a folder written by Handle.save
+        text_path = text_path / SAVED_RECIPE
     looks_like_path = text_path.suffix in (".yaml", ".yml") or "/" in str(name_or_path) or text_path.exists()
     if looks_like_path:
         if not text_path.is_file():

@@ -446,6 +446,46 @@ class Recipe:
             target["heads"] = resolve_heads(target["heads"], base_dir)
         return INTERVENTIONS.get(entry["method"])(**(entry.get("params") or {}), **target)
 
+    @classmethod
+    def from_interventions(cls, interventions, name: str = "saved", backend: str = "auto",
+                           description: str = "") -> "Recipe":
+        """The recipe that rebuilds ``interventions`` (from :meth:`attnkit.Intervention.config`); raises a
+        RecipeError naming the intervention and field when a value has no YAML form (a tensor, a HeadScores object:
+        save those to a file and refer to it by path).
+
+        Example:
+            >>> from attnkit.interventions.noop import Noop
+            >>> print(Recipe.from_interventions([Noop(layers=[1])], name="one").to_yaml().strip())
+            name: one
+            version: 1
+            backend: auto
+            interventions:
+            - method: noop
+              layers:
+              - 1
+        """
+        import yaml
+
+        entries = []
+        for i, iv in enumerate(interventions):
+            config = iv.config()
+            entry: dict = {"method": iv.name}
+            for key in TARGET_KWARGS:
+                if config.get(key) is not None:
+                    entry[key] = config.pop(key)
+                config.pop(key, None)
+            params = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+            if params:
+                entry["params"] = params
+            try:
+                yaml.safe_dump(entry)
+            except yaml.representer.RepresenterError as err:
+                raise RecipeError(f"interventions[{i}] ({iv.name}): {err.args[1]!r} has no YAML form; save it to a "
+                                  "file and refer to it by path") from None
+            entries.append(entry)
+        return cls.from_dict({"name": name, "version": 1, "backend": backend, "interventions": entries,
+                              **({"description": description} if description else {})})
+
     def build_interventions(self) -> list:
         """Fresh Intervention objects, in the recipe's stacking order."""
         base_dir = Path(self.source).resolve().parent if self.source not in ("<dict>", "<string>") else None
