@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from attnkit.hooks.mask_edit import apply_mask_overrides
 from attnkit.kernels.eager import eager_probs
 from attnkit.kernels.masks import causal_allowed
 
@@ -37,12 +38,15 @@ def attend(runtime, site: Site, query, key, value, mask, *, scaling: float, caus
     """Run ``site``'s plan (or ``stock()`` when it has none) and feed ``runtime.captures`` → ``[B,H,Q,D]``.
 
     Captured rows come from the computation that produced the output (the backend returns them), so every hook
-    runs once per layer call, and a capture shows what the fused path really did."""
+    runs once per layer call, and a capture shows what the fused path really did. ``override_mask`` entries
+    replace the model's mask first (:mod:`attnkit.hooks.mask_edit`); the backend and the captures run the result."""
     q_len = query.shape[2]
     wanting = [cap for cap in runtime.captures if cap.wants(site.layer, site.component)]
     rows = torch.unique(torch.cat([cap.rows(q_len) for cap in wanting])).to(query.device) if wanting else None
     probs = None
     if site.entries:
+        mask = apply_mask_overrides(site.entries, mask, q_len=q_len, k_len=key.shape[2], causal=causal,
+                                    make_ctx=make_ctx, device=query.device)
         result = site.backend.run(query, key, value, mask, scaling=scaling, entries=site.entries, make_ctx=make_ctx,
                                   causal=causal, softcap=softcap, dropout=dropout, rows=rows)
         out, probs = result if rows is not None else (result, None)

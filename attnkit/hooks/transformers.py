@@ -343,7 +343,7 @@ class TransformersAdapter:
                 and (bool(site.entries) or any(c.wants(site.layer, site.component) for c in self.captures)))
 
     def make_context(self, site: Site, entry, q_len, k_len, batch, device, causal, window, rows=None,
-                     value=None) -> AttentionContext:
+                     value=None, query=None, key=None) -> AttentionContext:
         tracker = self.tracker
         if entry is not None and entry.state.get("_sequence") != tracker.sequence_id:
             entry.state.clear()
@@ -352,7 +352,7 @@ class TransformersAdapter:
             layer=site.layer, module=site.module, tracker=tracker, batch=batch, num_heads=site.num_heads,
             q_len=q_len, k_len=k_len, causal=causal, device=device, window=window, is_prefill=tracker.last_was_prefill,
             step=tracker.forward_index, state=entry.state if entry is not None else {}, query_rows=rows,
-            heads=entry.head_mask if entry is not None else None, value=value)
+            heads=entry.head_mask if entry is not None else None, value=value, query=query, key=key)
 
     def run_site(self, site: Site, query, key, value, attention_mask, scaling, dropout, kwargs):
         """Attention for one module with its plan. q [B,H,Q,D], k/v [B,Hkv,K,D] → ([B,Q,H,D], None)."""
@@ -365,7 +365,8 @@ class TransformersAdapter:
         impl = previous_implementation(site.module.config)
 
         def make_ctx(entry, rows=None):
-            return self.make_context(site, entry, q_len, k_len, batch, query.device, causal, window, rows, value)
+            return self.make_context(site, entry, q_len, k_len, batch, query.device, causal, window, rows, value,
+                                     query, key)
 
         def stock():
             out, _ = _stock_function(site.module, impl)(site.module, query, key, value, attention_mask,

@@ -15,7 +15,15 @@ hook                   meaning                                                  
 ``group_factors``      post-softmax reweighting of key groups: masses ``[B,H,Q,G]`` → factors eager, torch, triton
 ``edit_probs``         any function of the probabilities ``[B,H,Q,K]`` (materialises them)    eager
 ``edit_output``        per-head outputs ``[B,H,Q,D]`` → same shape                           eager, torch, triton
+``override_mask``      blocks of (query span × key span) made visible or hidden, replacing   every backend (runs
+                       the model's own mask there: a list of :class:`MaskBlock`              before them)
 =====================  ====================================================================  ======================
+
+``override_mask`` runs before the backend (:mod:`attnkit.hooks.mask_edit`): block by block, in recipe order, the
+model's mask is replaced inside ``queries × keys`` (e.g. PINE's bidirectional attention between segments); padding
+keys stay hidden. The backends then run the resulting mask exactly (an explicit ``[B, 1|H, Q, K]`` bool mask, the
+size of the one transformers builds for a padded batch; no score matrix). Hooks also read the call's post-RoPE
+``ctx.query`` ``[B,H,Q,D]`` and ``ctx.key`` ``[B,Hkv,K,D]`` (read-only; e.g. a decode-time key selection).
 
 Every backend applies these under the attention mask the model built (padding, causality, sliding windows,
 bidirectional image blocks, prefix or chunked masks): ``ctx.mask`` describes it, ``ctx.visible_keys()`` counts the
@@ -74,7 +82,8 @@ def release_running(interventions, handle) -> None:
         if ref is not None and ref() in (handle, None):
             del _RUNNING[iv]
 
-HOOKS = ("query_scale", "score_bias", "edit_scores", "key_stats", "group_factors", "edit_probs", "edit_output")
+HOOKS = ("override_mask", "query_scale", "score_bias", "edit_scores", "key_stats", "group_factors", "edit_probs",
+         "edit_output")
 
 
 def register_intervention(cls):
@@ -105,6 +114,9 @@ class AttentionContext:
     spans: dict = field(default_factory=dict)  # extra [B, K] key masks (e.g. diffusers text/image)
     query_rows: torch.Tensor | None = None  # subset of query rows (captures)
     heads: torch.Tensor | None = None  # [H] bool: this intervention's target heads
+    query: torch.Tensor | None = None  # [B, H, Q, D] the call's queries as the model gave them (post-RoPE; read-only)
+    key: torch.Tensor | None = None  # [B, Hkv, K, D] the call's keys, cache included (post-RoPE; read-only)
+
     value: torch.Tensor | None = None  # [B, Hkv, K, D] the call's values (read-only; e.g. identity attention = v)
     mask: Any = None  # the call's attention mask as the backend runs it (attnkit.kernels.masks.KeyMask); set by it
 
@@ -235,6 +247,9 @@ class Intervention:
         return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
 
     # ---- hooks: override what you need ------------------------------------------------------------------
+    def override_mask(self, ctx: AttentionContext) -> "list[MaskBlock] | None":  # -> blocks replacing the mask
+        raise NotImplementedError
+
     def query_scale(self, ctx: AttentionContext) -> torch.Tensor | None:  # -> [H] or broadcastable [B,H,Q,1]
         raise NotImplementedError
 
@@ -255,6 +270,26 @@ class Intervention:
 
     def edit_output(self, out: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:  # [B,H,Q,D]
         raise NotImplementedError
+
+
+@dataclass
+class MaskBlock:
+    """One block of an :meth:`Intervention.override_mask` result: every (query, key) pair with ``queries[b, i]`` and
+    ``keys[b, j]`` True is made visible (``allow=True``) or hidden (``allow=False``), whatever the model's mask says.
+
+    ``queries`` is bool ``[B, Q]`` over this call's queries (:meth:`AttentionContext.query_mask`), ``keys`` bool
+    ``[B, K]`` over its keys (:meth:`AttentionContext.key_mask`). Padding keys are never made visible.
+
+    Example (segments 0 and 1 see each other: two blocks):
+        >>> a = torch.tensor([[False, True, True, False]]); b = torch.tensor([[False, False, False, True]])
+        >>> blocks = [MaskBlock(a, b), MaskBlock(b, a)]
+        >>> blocks[0].allow, tuple(blocks[1].keys.shape)
+        (True, (1, 4))
+    """
+
+    queries: torch.Tensor  # [B, Q] bool
+    keys: torch.Tensor  # [B, K] bool
+    allow: bool = True
 
 
 def _recording_init(init):
