@@ -200,7 +200,8 @@ def describe(model, sites: list[Site]) -> ModelDescription:
 
 
 def _has_rope(model) -> bool:
-    return any(hasattr(m, "inv_freq") for m in model.modules())
+    """Any rotary embedding: ``inv_freq``, or per-layer-type ``<type>_inv_freq`` buffers (Gemma-3)."""
+    return any(name.endswith("inv_freq") for m in model.modules() for name, _ in m.named_buffers(recurse=False))
 
 
 def claim(modules, adapter) -> None:

@@ -382,7 +382,7 @@ def duo_calibrate(model, tokenizer, *, steps: int = 2000, lr: float = 0.02, reg:
                 loss.backward()
                 optimiser.step()
                 schedule.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 if log_every and step % log_every == 0:
                     print(f"duo step {step}: loss {losses[-1]:.5f}")
     finally:
