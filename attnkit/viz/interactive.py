@@ -172,19 +172,7 @@ def attention_view(
     head_ids = list(getattr(capture, "heads", None) or [])
     if not records:
         raise ValueError("the capture holds no records: run the model inside `with handle.capture(...)` first")
-    kinds = {r.kind for r in records}
-    if "cross" in kinds:
-        mode = "cross"
-    elif kinds <= {"self"}:
-        mode = "image" if image_tokens is not None else "text"
-    else:
-        raise ValueError(f"attention_view shows self- and cross-attention records; this capture holds {sorted(kinds)} "
-                         "(joint attention of SD3 / Flux is not supported yet)")
-    if mode == "image" and image is None:
-        raise ValueError("image_tokens= was given without image=: pass the picture the image tokens come from")
-    if mode != "image" and image_tokens is None and image is not None and mode == "text":
-        raise ValueError("image= needs image_tokens= (the image tokens' (start, end), mask or positions) for a "
-                         "self-attention capture")
+    mode = _mode({r.kind for r in records}, image, image_tokens)
     records = [r for r in records if r.kind == ("cross" if mode == "cross" else "self")]
     n_heads = int(records[0].probs.shape[1])
     head_ids = head_ids or list(range(n_heads))
@@ -192,6 +180,7 @@ def attention_view(
     records = _pick_layers(records, layers)
     _check_sample(records, sample)
     records, note = _pick_pass(records, forward, calls, growing_keys=mode != "cross")
+    _check_size(records, len(head_pick), max_mb)
 
     if mode == "cross":
         payload = _cross_payload(records, spec, tokens, grid, head_pick, sample, token_indices)
@@ -204,10 +193,39 @@ def attention_view(
     if image is not None and mode == "cross":
         payload["image"] = _picture(image)
     nbytes = sum(len(d) for lay in payload["layers"] for d in _blobs(lay))
-    if nbytes > max_mb * 1e6:
-        raise ValueError(f"the view would embed {nbytes / 1e6:.1f} MB of attention data (max_mb={max_mb}): choose "
-                         "fewer layers=, heads= or calls=, or capture fewer query rows")
+    _refuse_size(nbytes, max_mb)
     return AttentionView(payload, nbytes)
+
+
+def _mode(kinds: set, image: Any, image_tokens: Any) -> str:
+    """"cross" for diffusers cross-attention, "image" when the image tokens are given, else "text"."""
+    if "cross" in kinds:
+        if image_tokens is not None:
+            raise ValueError("image_tokens= is for self-attention captures (LVLMs); a cross-attention view draws each "
+                             "prompt token's map on the latent grid: pass grid= (and image= to draw it over the image)")
+        return "cross"
+    if not kinds <= {"self"}:
+        raise ValueError(f"attention_view shows self- and cross-attention records; this capture holds {sorted(kinds)} "
+                         "(joint attention of SD3 / Flux is not supported yet)")
+    if image_tokens is not None and image is None:
+        raise ValueError("image_tokens= was given without image=: pass the picture the image tokens come from")
+    if image is not None and image_tokens is None:
+        raise ValueError("image= needs image_tokens= (the image tokens' (start, end), mask or positions) for a "
+                         "self-attention capture")
+    return "image" if image_tokens is not None else "text"
+
+
+def _check_size(records: list, n_heads: int, max_mb: float) -> None:
+    """Refuse before encoding when the rows cannot fit ``max_mb`` (2 bytes a value, x 4/3 in base64; dropping the
+    trailing zeros of causal rows at most halves them)."""
+    values = sum(n_heads * rec.probs.shape[2] * rec.probs.shape[3] for rec in records)
+    _refuse_size(values * 2 * 4 / 3 / 2, max_mb, "at least ")
+
+
+def _refuse_size(nbytes: float, max_mb: float, bound: str = "") -> None:
+    if nbytes > max_mb * 1e6:
+        raise ValueError(f"the view would embed {bound}{nbytes / 1e6:.2f} MB of attention data (max_mb={max_mb:g}): "
+                         "choose fewer layers=, heads= or calls=, or capture fewer query rows")
 
 
 # ---- encoding ---------------------------------------------------------------------------------------------------

@@ -334,8 +334,10 @@ def test_embedded_size_of_a_30_layer_9_head_64_token_capture():
     assert every.nbytes == pytest.approx(values_all * 2 * 4 / 3, rel=0.01)
     print(f"30x9x64: queries='last' {last.nbytes / 1024:.1f} KiB embedded ({len(last.html()) / 1024:.1f} KiB page); "
           f"queries='all' {every.nbytes / 1e6:.2f} MB embedded ({len(every.html()) / 1e6:.2f} MB page)")
-    with pytest.raises(ValueError, match=r"would embed 1\.5 MB .* \(max_mb=1\.0\): choose fewer layers="):
-        attention_view(capture("all", torch.arange(n)), max_mb=1.0)
+    with pytest.raises(ValueError, match=r"would embed 1\.50 MB .* \(max_mb=1\.48\): choose fewer layers="):
+        attention_view(capture("all", torch.arange(n)), max_mb=1.48)  # measured after trimming the causal rows
+    with pytest.raises(ValueError, match=r"would embed at least 1\.47 MB .* \(max_mb=1\): choose fewer layers="):
+        attention_view(capture("all", torch.arange(n)), max_mb=1.0)  # refused before encoding
 
 
 def test_errors_name_what_to_change(all_rows, last_rows, vlm_capture):
@@ -351,6 +353,10 @@ def test_errors_name_what_to_change(all_rows, last_rows, vlm_capture):
         attention_view(all_rows, image=np.zeros((4, 4, 3)))
     with pytest.raises(ValueError, match=r"image_tokens= was given without image="):
         attention_view(all_rows, image_tokens=(1, 5))
+    with pytest.raises(ValueError, match=r"this capture holds \['joint'\] .*not supported yet"):
+        attention_view([CaptureRecord(0, 1, torch.ones(1, 1, 2, 2), kind="joint")])
+    with pytest.raises(ValueError, match=r"image_tokens= is for self-attention captures"):
+        attention_view([CaptureRecord(0, 1, torch.ones(1, 1, 4, 2), kind="cross")], image_tokens=(0, 1))
     cap, image_mask, _ = vlm_capture
     with pytest.raises(ValueError, match=r"grid=\(2, 3\) has 6 cells but image_tokens selects 16 tokens"):
         attention_view(cap, image=np.zeros((4, 4, 3)), image_tokens=image_mask, grid=(2, 3))
