@@ -8,6 +8,7 @@ the model's own attention. Shapes: q ``[B,H,Q,D]``, k/v ``[B,Hkv,K,D]``, output 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,6 +32,34 @@ class Site:
     kind: str = "self"  # "self", "cross" or "joint"
     entries: list = field(default_factory=list)  # PlanEntry per intervention planned on this module
     backend: Any = None  # kernels.backends.Backend running the entries
+
+
+class Adapter:
+    """What both framework adapters share: the attachment they run, its captures, detached calls, routing.
+
+    Subclasses set ``model``, ``sites``, ``description``, ``tracker`` and implement ``install`` / ``uninstall``."""
+
+    handle = None  # the Handle running this attachment (None once removed)
+    _detached = 0
+
+    def describe_owner(self) -> str:
+        handle = self.handle
+        return f"handle {handle.name!r} on {type(self.model).__name__}" if handle is not None else "no handle"
+
+    @contextlib.contextmanager
+    def detached(self):
+        """Calls inside run the stock model and are not tracked (a method's own extra pass)."""
+        self._detached += 1
+        try:
+            yield
+        finally:
+            self._detached -= 1
+
+    def routes(self, site: Site) -> bool:
+        """Whether this call of ``site`` goes through attnkit (a plan or a capture) rather than the stock function."""
+        handle = self.handle
+        return (handle is not None and handle.active and not self._detached
+                and (bool(site.entries) or any(c.wants(site.layer, site.component) for c in self.captures)))
 
 
 def attend(runtime, site: Site, query, key, value, mask, *, scaling: float, causal: bool, softcap, dropout: float,

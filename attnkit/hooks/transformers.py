@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import weakref
@@ -30,7 +29,7 @@ import torch
 
 from attnkit.description import Component, ModelDescription
 from attnkit.hooks import compat
-from attnkit.hooks.runtime import Site, attend
+from attnkit.hooks.runtime import Adapter, Site, attend
 from attnkit.interventions.base import AttentionContext
 from attnkit.spans import SequenceTracker
 
@@ -216,7 +215,7 @@ def claim(modules, adapter) -> None:
 
 
 # ---- one attachment -------------------------------------------------------------------------------------------------
-class TransformersAdapter:
+class TransformersAdapter(Adapter):
     """Installs one handle's plans on a transformers model, tracks its sequences and runs its attention calls."""
 
     framework = "transformers"
@@ -276,10 +275,6 @@ class TransformersAdapter:
         self._swapped.clear()
         self.handle = None
 
-    def describe_owner(self) -> str:
-        handle = self.handle
-        return f"handle {handle.name!r} on {type(self.model).__name__}" if handle is not None else "no handle"
-
     def __deepcopy__(self, memo):
         """A deep copy of an attached model gets inert tracking hooks (and its modules fall through to stock)."""
         inert = type(self).__new__(type(self))
@@ -288,15 +283,6 @@ class TransformersAdapter:
         return inert
 
     # ---- tracking -------------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def detached(self):
-        """Calls inside run the stock model and are not tracked (e.g. a method's own extra branch)."""
-        self._detached += 1
-        try:
-            yield
-        finally:
-            self._detached -= 1
-
     def _observe(self, module, args, kwargs) -> None:
         bound = _bind(module, args, kwargs)
         ids, embeds = bound.get("input_ids"), bound.get("inputs_embeds")
@@ -337,12 +323,6 @@ class TransformersAdapter:
             self.handle._warn_idle(self._calls_at_start)
 
     # ---- running a site ---------------------------------------------------------------------------------------------
-    def routes(self, site: Site) -> bool:
-        """Whether this call of ``site`` goes through attnkit (a plan or a capture) rather than the stock function."""
-        handle = self.handle
-        return (handle is not None and handle.active and not self._detached
-                and (bool(site.entries) or any(c.wants(site.layer, site.component) for c in self.captures)))
-
     def make_context(self, site: Site, entry, q_len, k_len, batch, device, causal, window, rows=None,
                      value=None, query=None, key=None) -> AttentionContext:
         tracker = self.tracker

@@ -94,12 +94,19 @@ class _Where:
 
 
 # ---- type checking of params against constructor signatures --------------------------------------------------
-def _type_ok(value: Any, hint: Any) -> bool:
+def type_ok(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as read from YAML) fits the type hint ``hint``; ints are accepted where floats are
+    expected, NaN is not a float here. Shared by recipes and eval task files.
+
+    Example:
+        >>> type_ok(3, float), type_ok(True, int), type_ok([1, 2], list[int]), type_ok("x", int | None)
+        (True, False, True, False)
+    """
     if hint is Any or hint is inspect.Parameter.empty:
         return True
     origin = typing.get_origin(hint)
     if origin is typing.Union or type(hint).__name__ == "UnionType":
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
+        return any(type_ok(value, h) for h in typing.get_args(hint))
     if origin is typing.Literal:
         return value in typing.get_args(hint)
     if hint is type(None):
@@ -109,14 +116,14 @@ def _type_ok(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
     if hint is str:
         return isinstance(value, str)
     if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return False
         args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        return not args or all(any(_type_ok(v, a) for a in args) for v in value)
+        return not args or all(any(type_ok(v, a) for a in args) for v in value)
     if origin is dict or hint is dict:
         return isinstance(value, dict)
     if isinstance(hint, type):
@@ -201,7 +208,7 @@ def check_params(cls, params: dict, where: _Where, path: tuple) -> None:
             sub, number = bad
             why = "expected a finite number" if isinstance(number, float) else "expected an integer below 2**63"
             raise where.error(path + (key,) + sub, f"{why}, got {number!r}")
-        if not _type_ok(value, hint):
+        if not type_ok(value, hint):
             raise where.error(path + (key,), f"expected {_hint_name(hint)}, got {type(value).__name__} {value!r}")
     missing = [k for k, (_, d) in spec.items() if d is inspect.Parameter.empty and k not in params]
     if missing:
@@ -244,7 +251,7 @@ def _check_heads(value, where: _Where, path: tuple, base_dir: Path | None) -> No
         if "top_k" in value and (isinstance(value["top_k"], bool) or not isinstance(value["top_k"], int)
                                  or value["top_k"] < 1):
             raise where.error(path + ("top_k",), f"expected a positive int, got {value['top_k']!r}")
-        if "threshold" in value and (not _type_ok(value["threshold"], float)
+        if "threshold" in value and (not type_ok(value["threshold"], float)
                                      or not math.isfinite(value["threshold"])):
             raise where.error(path + ("threshold",), f"expected a number, got {value['threshold']!r}")
         if "per_layer" in value and not isinstance(value["per_layer"], bool):

@@ -190,13 +190,14 @@ def check_batched(case: Case) -> None:
             handle.clear_spans()
             case.set_spans(handle, sample=b)
             alone.append(fam.run(fam.model, sample))
+    rtol = max(1e-4, 2 * fam.stock_batching_gap)  # never stricter than the stock model's own batching noise
     for b, out in enumerate(alone):
         n = out.shape[1]
         what = f"sample {b} in the batch vs alone"
         if batched.shape[1] >= n and out.shape[1] == fam.samples[b]["input_ids"].shape[1]:
-            assert_close(batched[b, -n:], out[0], 1e-4, what)
+            assert_close(batched[b, -n:], out[0], rtol, what)
         else:
-            assert_close(batched[b, -1], out[0, -1], 1e-4, what + " (last position)")
+            assert_close(batched[b, -1], out[0, -1], rtol, what + " (last position)")
     if fam.has_padded_row:
         assert not torch.isnan(batched[fam.real_rows()]).any()
 
