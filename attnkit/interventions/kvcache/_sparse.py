@@ -49,6 +49,35 @@ def rope_positions(real: torch.Tensor) -> torch.Tensor:
     return (real.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def key_rope_positions(ctx) -> torch.Tensor:
+    """Long ``[B, K]`` RoPE positions of this call's keys, counted over the whole tracked sequence (right for caches
+    that hold a window of it, e.g. Gemma-3's sliding layers); slot indices when nothing is tracked."""
+    if ctx.tracker is None:
+        return torch.arange(ctx.k_len, device=ctx.device)[None].expand(ctx.batch, -1)
+    return ctx.keys_of(rope_positions(ctx.tracker.mask("real"))).to(ctx.device)
+
+
+def key_indices(ctx) -> torch.Tensor:
+    """Long ``[B, K]``: the tracked-sequence index of each of this call's keys (slots when nothing is tracked)."""
+    if ctx.tracker is None:
+        return torch.arange(ctx.k_len, device=ctx.device)[None].expand(ctx.batch, -1)
+    everything = torch.arange(ctx.tracker.length)[None].expand(ctx.batch, -1)
+    return ctx.keys_of(everything).to(ctx.device)
+
+
+def full_attention_layers(model, layers, owner: str) -> list[int]:
+    """The targeted text layers that attend globally (Gemma-3's sliding-window layers already bound their cache and
+    are left alone); ValueError when none is left."""
+    from attnkit.targets import parse_layers
+
+    layer_types = getattr(model.text_config, "layer_types", None) or []
+    n_layers = model.component("text").num_layers
+    full = [i for i in parse_layers(layers, n_layers) if not layer_types or layer_types[i] != "sliding_attention"]
+    if not full:
+        raise ValueError(f"{owner}: every targeted layer uses a sliding window, which the method does not support")
+    return full
+
+
 def expand_kv(x: torch.Tensor, num_heads: int, gqa_map: str = "group") -> torch.Tensor:
     """``[B, Hkv, K, D]`` → ``[B, H, K, D]``: query head ``h`` reads KV head ``h // g`` (HF layout, ``"group"``) or
     ``h % Hkv`` (``"modulo"``, TokenSelect's kernel)."""

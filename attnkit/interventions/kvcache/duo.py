@@ -16,7 +16,8 @@ retrieval ("full") KV heads keep the whole cache, streaming heads keep sinks + a
   (``sinks + recent + 1`` keys); ``decode_window="lambda"`` keeps the training Λ (``i − j < recent``) instead;
 * eval-script defaults ``sinks=64``, ``recent=256`` (training used 128/256); ``sparsity=0.5``.
 
-Keys keep their original RoPE positions, so a ``−∞`` key mask (``score_bias``) is exact; the decision is per KV head
+Sliding-window layers (Gemma-3's local layers, whose cache is already bounded) are left alone. Keys keep their
+original RoPE positions, so a ``−∞`` key mask (``score_bias``) is exact; the decision is per KV head
 (all its query heads share the streaming cache).
 
 **Head identification** (:func:`duo_calibrate`, opt-in, *not* training-free: it optimises ``L·H_kv`` scalars with the
@@ -54,7 +55,8 @@ import numpy as np
 import torch
 
 from attnkit.interventions.base import Intervention, register_intervention
-from attnkit.interventions.kvcache._sparse import KeyAccount, check_int, keep_bias, real_keys, visible
+from attnkit.interventions.kvcache._sparse import KeyAccount, check_int, full_attention_layers, keep_bias, real_keys, \
+    visible
 from attnkit.scores import HeadScores
 from attnkit.targets import Target
 
@@ -213,10 +215,8 @@ class DuoAttention(Intervention):
         text = model.component("text")
         group = text.kv_group
         full = self._full_kv(text.num_layers)
-        from attnkit.targets import parse_layers
-
         streaming = {}
-        for layer in parse_layers(self.target.layers, text.num_layers):
+        for layer in full_attention_layers(model, self.target.layers, self.name):
             heads = [h for h in range(text.num_heads) if h // group not in full.get(layer, set())]
             if heads:
                 streaming[layer] = heads

@@ -41,8 +41,8 @@ from __future__ import annotations
 import torch
 
 from attnkit.interventions.base import Intervention, register_intervention
-from attnkit.interventions.kvcache._sparse import KeyAccount, check_int, expand_kv, gathered_attention, real_keys, \
-    rope_positions, scaling_of, softcap_of, visible
+from attnkit.interventions.kvcache._sparse import KeyAccount, check_int, expand_kv, full_attention_layers, \
+    gathered_attention, key_rope_positions, real_keys, scaling_of, softcap_of, visible
 from attnkit.rope import Rotary, rotary_for
 from attnkit.targets import Target
 
@@ -107,17 +107,8 @@ class LongHeads(Intervention):
         self.account = KeyAccount()
 
     def setup(self, model) -> None:
-        layer_types = getattr(model.text_config, "layer_types", None) or []
-        n_layers = model.component("text").num_layers
-        full = [i for i in range(n_layers) if not layer_types or layer_types[i] != "sliding_attention"]
-        if self.target.layers is not None:
-            from attnkit.targets import parse_layers
-
-            full = [i for i in parse_layers(self.target.layers, n_layers) if i in full]
-        if not full:
-            raise ValueError("long-heads: every targeted layer uses a sliding window, which the method does not "
-                             "support")
-        self.target = Target(layers=full, modules=self.target.modules)
+        self.target = Target(layers=full_attention_layers(model, self.target.layers, self.name),
+                             modules=self.target.modules)
 
     def install(self, handle) -> list:
         self._model = handle.model
@@ -188,7 +179,7 @@ class LongHeads(Intervention):
     def edit_output(self, out, ctx):
         state = ctx.state
         real = real_keys(ctx)  # [B, K]
-        pos = rope_positions(real)  # [B, K]
+        pos = key_rope_positions(ctx)  # [B, K]
         if ctx.is_prefill or "summaries" not in state:
             longest = int(real.sum(-1).max())
             if longest > self.begin_selective_length:

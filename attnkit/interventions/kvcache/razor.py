@@ -29,6 +29,8 @@ and nothing is evicted again. Flags: ``use_virtual_token=False`` keeps ``sinks``
 compensation token's logit (the paper's eq. 4/5: it then reproduces exact attention over the folded keys when
 they share one key); ``recompress_every_step=True`` folds again at every decode step (the paper read literally).
 
+Sliding-window layers (Gemma-3's local layers, whose cache is already bounded) are left alone.
+
 Simulation: decode rows of the non-retrieval heads are recomputed over the kept keys plus the compensation token
 (``edit_output``, ``O(K)`` per row); all ``g`` query heads of a KV head share its compressed cache.
 :meth:`RazorAttention.kv_fraction` gives the fraction of KV memory such a cache keeps, and :attr:`account` the keys
@@ -57,8 +59,8 @@ from pathlib import Path
 import torch
 
 from attnkit.interventions.base import Intervention, register_intervention
-from attnkit.interventions.kvcache._sparse import KeyAccount, check_int, expand_kv, gathered_attention, real_keys, \
-    scaling_of, softcap_of, visible
+from attnkit.interventions.kvcache._sparse import KeyAccount, check_int, expand_kv, full_attention_layers, \
+    gathered_attention, real_keys, scaling_of, softcap_of, visible
 from attnkit.scores import HeadScores
 from attnkit.targets import Target
 
@@ -266,11 +268,8 @@ class RazorAttention(Intervention):
         text = model.component("text")
         group = text.kv_group
         retrieval = _retrieval_kv(self.retrieval_heads, text.num_layers, text.num_heads, group)
-        from attnkit.targets import parse_layers
-
-        layers = parse_layers(self.target.layers, text.num_layers)
         heads = {}
-        for layer in layers:
+        for layer in full_attention_layers(model, self.target.layers, self.name):
             compressed = [h for h in range(text.num_heads) if h // group not in retrieval.get(layer, set())]
             if compressed:
                 heads[layer] = compressed

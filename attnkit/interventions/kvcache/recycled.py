@@ -17,7 +17,8 @@ No code could be obtained; the rule is the ACL paper's text. State per layer (pe
    first (lowest-score) entry.
 4. **Full step:** attend over everything; rebuild ``C_p`` from this step's attention as in 1; store ``q̄``.
 
-``budget`` is an int or a fraction of the prompt length (default ``1/8``, the paper's ``K = L/8``). Keys keep their
+Sliding-window layers (Gemma-3's local layers, whose cache is already bounded) are left alone. ``budget`` is an int or
+a fraction of the prompt length (default ``1/8``, the paper's ``K = L/8``). Keys keep their
 positions, so the ``−∞`` mask (``score_bias``) is exact. Per sample: with a batch, each sample keeps its own cache
 and schedule (left padding never enters ``C_p``). A decode call with several new tokens (a chunk on a cache) is
 treated as a full step. :attr:`Recycled.account` counts the keys each decode step attends; :attr:`full_steps`
@@ -39,8 +40,9 @@ from __future__ import annotations
 import torch
 
 from attnkit.interventions.base import Intervention, register_intervention
-from attnkit.interventions.kvcache._sparse import KeyAccount, keep_bias, masked_softmax, raw_scores, real_keys, \
-    visible
+from attnkit.interventions.kvcache._sparse import KeyAccount, full_attention_layers, keep_bias, masked_softmax, \
+    raw_scores, real_keys, visible
+from attnkit.targets import Target
 
 SCHEDULES = ("similarity", "fixed")
 
@@ -122,8 +124,9 @@ class Recycled(Intervention):
         self.full_steps = 0
 
     def setup(self, model) -> None:
-        text = model.component("text")
-        self._group = text.kv_group
+        self._group = model.component("text").kv_group
+        self.target = Target(layers=full_attention_layers(model, self.target.layers, self.name),
+                             modules=self.target.modules)
 
     # ---- full steps -------------------------------------------------------------------------------------------------
     def _budget(self, prompt_len: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,9 @@ Rule (released code, ``src/tidal_build/modify_llama.py``; decode steps only, pre
 * ``correction_layer`` (default 13, the scripts' value; the function default in ``modify_llama.py`` is 9): full
   attention and a fresh top-``k``; later layers use that selection.
 
-The current token is selectable but not forced; there is no forced sink or window. Keys keep their positions, so
+The current token is selectable but not forced; there is no forced sink or window. The selection is kept as
+sequence positions, so a layer whose cache holds a window of the sequence (Gemma-3's sliding layers) attends to the
+selected tokens its window still holds. Keys keep their positions, so
 the ``−∞`` mask (``score_bias``, fused ``torch`` backend) reproduces the method exactly. ``top_k`` defaults to 256
 (``enable_tidal``; the NIAH scripts use 128, LongBench 4096). The account (:attr:`TidalDecode.account`) counts the
 keys each decode step attends over every layer ≥ ``sparse_layer_start`` (the two full layers included).
@@ -33,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from attnkit.interventions.base import Intervention, register_intervention
-from attnkit.interventions.kvcache._sparse import KeyAccount, check_int, keep_bias, raw_scores, visible
+from attnkit.interventions.kvcache._sparse import KeyAccount, check_int, keep_bias, key_indices, raw_scores, visible
 from attnkit.targets import Target
 
 
@@ -70,7 +72,7 @@ class TidalDecode(Intervention):
         self.sparse_layer_start = check_int(self.name, "sparse_layer_start", sparse_layer_start)
         self.correction_layer = check_int(self.name, "correction_layer", correction_layer)
         self.account = KeyAccount()
-        self._picked: dict = {}  # (sequence, forward index) -> keep mask [B, H, Q, K] of the current selection
+        self._picked: dict = {}  # (sequence, forward index) -> [B, H, Q, T] selected sequence positions
 
     def setup(self, model) -> None:
         n_layers = model.component("text").num_layers
@@ -86,13 +88,19 @@ class TidalDecode(Intervention):
         allowed = visible(ctx)  # [B, 1, Q, K]
         key = (ctx.tracker.sequence_id if ctx.tracker is not None else 0, ctx.step)
         rows = ctx.query_mask("real") if ctx.tracker is not None else None
+        where = key_indices(ctx)  # [B, K] sequence position of each key slot
         if ctx.layer in (self.sparse_layer_start, self.correction_layer):
-            self._picked = {key: tidal_select(raw_scores(ctx), allowed, self.top_k)}  # this forward only
+            keep = tidal_select(raw_scores(ctx), allowed, self.top_k)  # [B, H, Q, K]
+            picked = torch.zeros(*keep.shape[:3], ctx.tracker.length if ctx.tracker is not None else ctx.k_len,
+                                 dtype=torch.bool, device=ctx.device)
+            picked.scatter_(-1, where[:, None, None, :].expand_as(keep), keep)
+            self._picked = {key: picked}  # this forward only
             self.account.add(ctx.layer, None, allowed, ctx.heads, rows)
             return None  # the selection layers attend fully
-        keep = self._picked.get(key)
-        if keep is None or keep.shape[-1] != ctx.k_len:
+        picked = self._picked.get(key)
+        if picked is None:
             self.account.add(ctx.layer, None, allowed, ctx.heads, rows)
             return None
+        keep = picked.gather(-1, where[:, None, None, :].expand(*picked.shape[:3], -1))  # [B, H, Q, K]
         self.account.add(ctx.layer, keep, allowed, ctx.heads, rows)
         return keep_bias(keep)  # [B, H, Q, K]

@@ -45,8 +45,8 @@ from __future__ import annotations
 import torch
 
 from attnkit.interventions.base import Intervention, register_intervention
-from attnkit.interventions.kvcache._sparse import KeyAccount, check_int, expand_kv, gathered_attention, real_keys, \
-    rope_positions, scaling_of, softcap_of, visible
+from attnkit.interventions.kvcache._sparse import KeyAccount, check_int, expand_kv, full_attention_layers, \
+    gathered_attention, key_rope_positions, real_keys, scaling_of, softcap_of, visible
 from attnkit.rope import rotary_for
 from attnkit.targets import Target
 
@@ -112,18 +112,8 @@ class TokenSelect(Intervention):
         self.account = KeyAccount()
 
     def setup(self, model) -> None:
-        layer_types = getattr(model.text_config, "layer_types", None) or []
-        n_layers = model.component("text").num_layers
-        layers = self.target.layers
-        full = [i for i in range(n_layers) if not layer_types or layer_types[i] != "sliding_attention"]
-        if layers is not None:
-            from attnkit.targets import parse_layers
-
-            full = [i for i in parse_layers(layers, n_layers) if i in full]
-        if not full:
-            raise ValueError("token-select: every targeted layer uses a sliding window, which the method does not "
-                             "support")
-        self.target = Target(layers=full, modules=self.target.modules)
+        self.target = Target(layers=full_attention_layers(model, self.target.layers, self.name),
+                             modules=self.target.modules)
 
     def install(self, handle) -> list:
         self._model = handle.model
@@ -166,7 +156,7 @@ class TokenSelect(Intervention):
 
     def edit_output(self, out, ctx):
         real = real_keys(ctx)  # [B, K]
-        pos = rope_positions(real)  # [B, K]
+        pos = key_rope_positions(ctx)  # [B, K]
         first_row = ctx.k_len - ctx.q_len
         out = out.clone()
         keep = torch.zeros(ctx.batch, 1, ctx.q_len, ctx.k_len, dtype=torch.bool, device=ctx.device)
