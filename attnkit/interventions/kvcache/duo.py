@@ -4,7 +4,8 @@ retrieval ("full") KV heads keep the whole cache, streaming heads keep sinks + a
 **Deployment** (:class:`DuoAttention`, the released code by default):
 
 * gates per (layer, KV head) — a :class:`~attnkit.scores.HeadScores` saved by :func:`duo_calibrate` (or the shipped
-  ``full_attention_heads.tsv`` read with :func:`load_duo_gates`) — are binarised like ``sparsify_attention_heads``:
+  ``full_attention_heads.tsv`` read with :func:`load_duo_gates`) — are binarised, over the layers the method restricts
+  (every layer except sliding-window ones), like ``sparsify_attention_heads``:
   ``τ = quantile(gates, sparsity)`` (linear interpolation, after uniform noise in ``[0, 1e−6)`` to break ties;
   seeded), full heads ``gate ≥ τ``; ``sparsity ≥ 1`` makes none full, ``≤ 0`` all. ``threshold=0.5`` (the paper's
   ``gate > 0.5``) replaces the quantile;
@@ -201,22 +202,26 @@ class DuoAttention(Intervention):
         self.account = KeyAccount()
         self._info: dict = {}
 
-    def _full_kv(self, num_layers: int) -> dict[int, set]:
+    def _full_kv(self, num_layers: int, layers: list[int]) -> dict[int, set]:
+        """Full KV heads per layer; gates are binarised among ``layers`` (the layers the method may restrict)."""
         heads = self.full_heads
         if isinstance(heads, (str, Path)):
             heads = HeadScores.load(heads)
         if isinstance(heads, HeadScores):
             if heads.num_layers != num_layers:
                 raise ValueError(f"duo-attention: the gates cover {heads.num_layers} layers, the model has {num_layers}")
-            return {k: set(v) for k, v in full_kv_heads(heads, self.sparsity, self.threshold).items()}
+            gates = kv_gates(heads)[layers]  # [len(layers), Hkv]
+            full = binarise(gates, self.sparsity, self.threshold)
+            return {layer: set(full[i].nonzero().flatten().tolist()) for i, layer in enumerate(layers)}
         return {int(k): set(v) for k, v in (heads or {}).items()}
 
     def setup(self, model) -> None:
         text = model.component("text")
         group = text.kv_group
-        full = self._full_kv(text.num_layers)
+        layers = full_attention_layers(model, self.target.layers, self.name)
+        full = self._full_kv(text.num_layers, layers)
         streaming = {}
-        for layer in full_attention_layers(model, self.target.layers, self.name):
+        for layer in layers:
             heads = [h for h in range(text.num_heads) if h // group not in full.get(layer, set())]
             if heads:
                 streaming[layer] = heads
@@ -326,8 +331,8 @@ class _GatedStreams(Intervention):
 
     name = "duo-gates"
 
-    def __init__(self, gates: torch.nn.Parameter, group: int, sinks: int, recent: int):
-        super().__init__()
+    def __init__(self, gates: torch.nn.Parameter, group: int, sinks: int, recent: int, layers=None):
+        super().__init__(layers=layers)
         self.gates, self.group, self.sinks, self.recent = gates, group, sinks, recent
 
     def edit_output(self, out, ctx):
@@ -350,7 +355,8 @@ def duo_calibrate(model, tokenizer, *, steps: int = 2000, lr: float = 0.02, reg:
     over its query heads; ``params["kv_group"]``) with the loss history in ``params["losses"]``.
 
     ``samples``: a list of ``(input_ids, labels)`` (default :func:`passkey_samples` with ``sample_kwargs``); step ``s``
-    uses sample ``s mod len(samples)``."""
+    uses sample ``s mod len(samples)``. Only full-attention layers are gated (``params["layers"]``); the gates of
+    sliding-window layers stay 1."""
     import attnkit
     from attnkit.hooks.transformers import text_model_of
     from attnkit.interventions.scoring._common import model_name
@@ -362,6 +368,8 @@ def duo_calibrate(model, tokenizer, *, steps: int = 2000, lr: float = 0.02, reg:
     n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     group = config.num_attention_heads // n_kv
     samples = samples if samples is not None else passkey_samples(tokenizer, seed=seed, **(sample_kwargs or {}))
+    layer_types = getattr(config, "layer_types", None) or []
+    layers = [i for i in range(n_layers) if not layer_types or layer_types[i] != "sliding_attention"]
     gates = torch.nn.Parameter(torch.ones(n_layers, n_kv))
     optimiser = torch.optim.AdamW([gates], lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: lr_multiplier(s, steps))
@@ -371,13 +379,13 @@ def duo_calibrate(model, tokenizer, *, steps: int = 2000, lr: float = 0.02, reg:
     device = next(model.parameters()).device
     losses = []
     try:
-        with attnkit.attach(model, [_GatedStreams(gates, group, sinks, recent)], backend="torch"):
+        with attnkit.attach(model, [_GatedStreams(gates, group, sinks, recent, layers)], backend="torch"):
             for step in range(steps):
                 with torch.no_grad():
                     gates.clamp_(0, 1)
                 ids, labels = samples[step % len(samples)]
                 hidden = text(input_ids=ids.repeat(2, 1).to(device), use_cache=False).last_hidden_state  # [2, N, C]
-                loss = duo_loss(hidden[:1], hidden[1:], labels.to(device), gates.clamp(0, 1), reg)
+                loss = duo_loss(hidden[:1], hidden[1:], labels.to(device), gates.clamp(0, 1)[layers], reg)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
@@ -390,7 +398,7 @@ def duo_calibrate(model, tokenizer, *, steps: int = 2000, lr: float = 0.02, reg:
             p.requires_grad_(True)
     final = gates.detach().clamp(0, 1)
     params = {"steps": steps, "lr": lr, "reg": reg, "sinks": sinks, "recent": recent, "seed": seed,
-              "kv_group": group, "losses": [round(x, 6) for x in losses],
+              "kv_group": group, "layers": layers, "losses": [round(x, 6) for x in losses],
               "samples": len(samples), "haystack": "NIAH essays (BookSum unavailable)"}
     return HeadScores(final.repeat_interleave(group, dim=1), "duo-attention", model_name(model),
                       "synthetic passkey retrieval", params)

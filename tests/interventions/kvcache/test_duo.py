@@ -104,3 +104,13 @@ def test_refusals():
         DuoAttention(prefill="half")
     with pytest.raises(attnkit.AttachError, match="full head"):
         attnkit.attach(tiny_causal_lm("llama"), [DuoAttention({0: [0, 1], 1: [0, 1]})])
+
+
+def test_sliding_layers_are_neither_gated_nor_restricted():
+    model = tiny_causal_lm("gemma3_text", num_hidden_layers=6)  # layer 5 attends globally, 0-4 slide
+    gates = duo_calibrate(model, None, steps=2, sinks=1, recent=2, samples=[(IDS, IDS)])
+    assert gates.params["layers"] == [5]
+    assert torch.equal(gates.scores[:5], torch.ones(5, 4))  # never optimised
+    duo = DuoAttention(gates, sparsity=0.5)
+    with attnkit.attach(model, [duo]) as handle:
+        assert [s.layer for s in handle._planned] == [5] or handle._planned == []
