@@ -15,16 +15,16 @@ Rule (METHODS.md §6, released code; every step per sample):
    where ``ℓ_orig(v) < log β + max ℓ_orig`` (⇔ ``p_orig(v) < β·max p_orig``): :func:`damro_logits`.
 
 How it runs: after ``attnkit.attach(model, [Damro(...)])`` a normal ``model(...)`` / ``model.generate(...)`` returns
-the combined logits. Hooks on the outer model record each call; the projected image embeddings are read from the
-decoder's ``inputs_embeds`` at prefill (the image placeholders already hold the projected patches), the outlier
-rows come from the vision hooks, and after the original forward the outlier-only branch runs on the **stock**
-decoder (attnkit's other edits are switched off inside it) with its own cache. A call with an empty main cache is a
-prefill (a new branch sequence; this also makes ``use_cache=False`` generation recompute both branches from scratch
-at every step); a call on a non-empty cache is a decode step of the current branch. Beam search and
-``num_return_sequences`` work (each expanded row takes its image's outliers; the branch cache follows the main
-cache's ``reorder_cache`` calls). Returned logit positions that lie after the image (the text suffix both branches
-share, aligned from the right under left padding) get the combined logits; earlier positions (prefix, image) are
-returned unchanged. Inputs without image tokens are left unchanged.
+the combined logits. The second pass is :class:`attnkit.branch.BranchedLogits` (shared with other two-pass methods):
+the projected image embeddings are read from the decoder's ``inputs_embeds`` at prefill (the image placeholders
+already hold the projected patches), the outlier rows come from the vision hooks, and after the original forward the
+outlier-only branch runs on the **stock** decoder (attnkit's other edits are switched off inside it) with its own
+cache. A call with an empty main cache is a prefill (a new branch sequence; this also makes ``use_cache=False``
+generation recompute both branches from scratch at every step); a call on a non-empty cache is a decode step of the
+current branch. Beam search and ``num_return_sequences`` work (each expanded row takes its image's outliers; the
+branch cache follows the main cache's ``reorder_cache`` calls). Returned logit positions that lie after the image
+(the text suffix both branches share, aligned from the right under left padding) get the combined logits; earlier
+positions (prefix, image) are returned unchanged. Inputs without image tokens are left unchanged.
 
 Sampling: greedy decoding takes ``argmax ℓ`` exactly as the released code. The code samples from ``softmax(ℓ)``
 directly, bypassing temperature / top-k / top-p; pass :meth:`Damro.sampling_kwargs` to ``generate`` to get that
@@ -58,8 +58,8 @@ import math
 
 import torch
 
-from attnkit.hooks.compat import cache_from_kwargs, cache_kwargs, cache_length, output_cache
-from attnkit.interventions.base import Intervention, register_intervention
+from attnkit.branch import BranchedLogits, BranchInputs, positions_from_mask
+from attnkit.interventions.base import register_intervention
 from attnkit.interventions.pruning._vision_cls import ClsAttention
 
 ORDERS = ("score", "raster")
@@ -139,17 +139,16 @@ def outlier_sequences(embeds: torch.Tensor, mask: torch.Tensor, image: torch.Ten
     return out, out_mask, out_after
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids from a 2-D mask as ``generate`` makes them: ``cumsum − 1``, pads at 0. ``[B, T]`` → ``[B, T]``."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+_positions = positions_from_mask  # the name older code imported
 
 
 @register_intervention
-class Damro(Intervention):
+class Damro(BranchedLogits):
     name = "damro"
     conformance = {"neutral": {"alpha": 0.0, "beta": 0.0}, "active": {"alpha": 2.0, "k": 2}}
     requires = frozenset({"causal_lm", "image_tokens", "clip_cls_tower"})
     description = "DAMRO: contrastive decoding against the k ViT [CLS]-attention outlier tokens"
+    runner = "decoder"
 
     def __init__(self, alpha: float = 2.0, k: int = 10, beta: float = 0.1, vision_layer: int | None = None,
                  cls_rule: str = "merged", order: str = "score", **target):
@@ -167,15 +166,9 @@ class Damro(Intervention):
         super().__init__(**target)
         self.alpha, self.k, self.beta = float(alpha), int(k), float(beta)
         self.vision_layer, self.cls_rule, self.order = vision_layer, cls_rule, order
-        self._handle = None
         self._cls: ClsAttention | None = None
-        self._call: dict | None = None  # the current outer call (ids, mask, prefill, …)
-        self._state: dict | None = None  # the branch's sequence: cache, mask
-        self._busy = False
         #: ``[B, k]`` outlier patch ids of the last prefill (branch order)
         self.last_outliers: torch.Tensor | None = None
-        #: the last branch prefill's inputs: ``inputs_embeds [B, N', C]``, ``attention_mask``, ``position_ids``
-        self.last_branch: dict | None = None
 
     @staticmethod
     def sampling_kwargs() -> dict:
@@ -188,10 +181,7 @@ class Damro(Intervention):
             raise ValueError("damro needs a vision-language model with a CLIP-style vision tower")
 
     def install(self, handle) -> list:
-        from attnkit.hooks.transformers import text_model_of
-
         model = handle.model
-        self._handle = handle
         layer = self.vision_layer
         if layer is None:
             layer = getattr(model.config, "vision_feature_layer", -2)
@@ -200,68 +190,19 @@ class Damro(Intervention):
         self._cls = ClsAttention(model, layers=[layer], merged=self.cls_rule == "merged")
         self._strategy = getattr(model.config, "vision_feature_select_strategy", "default")
         self._image_id = handle.description.image_token_id
-        self._text = text_model_of(model)
-        self._embed = model.get_input_embeddings()
-        self._head = model.get_output_embeddings()
-        if self._text is None or self._head is None or self._image_id is None:
-            raise ValueError(f"damro: {type(model).__name__} lacks a text decoder, an output embedding or an "
-                             "image token id; LLaVA-style models are supported")
-        self._call, self._state = None, None
-        return self._cls.install(handle) + [
-            handle.hook(model, self._pre_outer, pre=True, with_kwargs=True, always=True),
-            handle.hook(self._text, self._pre_text, pre=True, with_kwargs=True, always=True),
-            handle.hook(model, self._post_outer, with_kwargs=True, always=True),
-        ]
-
-    # ---- hooks -------------------------------------------------------------------------------------------------
-    def _pre_outer(self, module, args, kwargs):
-        if self._busy:
-            return
-        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        cache = cache_from_kwargs(kwargs)
-        past = cache_length(cache) or 0  # unknown cache objects: treated as a fresh sequence
-        self._call = {"ids": ids, "mask": kwargs.get("attention_mask"), "prefill": past == 0, "cache": cache,
-                      "use_cache": kwargs.get("use_cache", True) is not False, "embeds": None}
-
-    def _pre_text(self, module, args, kwargs):
-        if self._busy or self._call is None:
-            return
-        self._call["embeds"] = kwargs.get("inputs_embeds")  # [B, N, C] with the projected patches in place
-
-    def _post_outer(self, module, args, kwargs, output):
-        call, self._call = self._call, None
-        handle = self._handle
-        if self._busy or call is None:
-            return None
-        if not handle.active:
-            if call["prefill"]:
-                self._state = None  # a sequence run without DAMRO: later decode steps are left alone too
-            return None
-        logits = getattr(output, "logits", None)
-        if logits is None:
-            return None
-        if call["prefill"]:
-            outlier, valid = self._prefill(call, logits.shape[1])
-        else:
-            outlier, valid = self._decode(call, logits.shape[1])
-        if outlier is None:
-            return None
-        m = outlier.shape[1]
-        tail = logits[:, -m:]  # [B, m, V]
-        combined = torch.where(valid.to(logits.device)[:, :, None],
-                               damro_logits(tail, outlier, self.alpha, self.beta), tail)  # [B, m, V]
-        output.logits = torch.cat([logits[:, :-m], combined], dim=1) if m < logits.shape[1] else combined
-        return output
+        if self._image_id is None:
+            raise ValueError(f"damro: {type(model).__name__} has no image token id; LLaVA-style models are supported")
+        hooks = super().install(handle)  # the branch machinery (refuses a model without decoder / output embedding)
+        return self._cls.install(handle) + hooks
 
     # ---- the outlier branch ------------------------------------------------------------------------------------
-    def _prefill(self, call: dict, q_out: int):
-        self._state = None
+    def branch_inputs(self, call: dict) -> BranchInputs | None:
         ids, embeds = call["ids"], call["embeds"]
         if ids is None:
             raise ValueError("damro needs input_ids (to find the image tokens); inputs_embeds alone are unsupported")
         image = ids == self._image_id  # [B, N]
         if not bool(image.any()):
-            return None, None  # text only: nothing to contrast against
+            return None  # text only: nothing to contrast against
         if embeds is None or embeds.shape[:2] != ids.shape:
             raise RuntimeError("damro: the decoder did not receive this call's inputs_embeds")
         if not self._cls.rows:
@@ -280,58 +221,12 @@ class Damro(Intervention):
         self.last_outliers = select_outliers(scores, self.k, self.order)  # [B, k]
         mask = call["mask"] if call["mask"] is not None else torch.ones_like(ids)  # [B, N]
         branch, branch_mask, after = outlier_sequences(embeds, mask, image, self.last_outliers)  # [B, N', C] …
-        m = min(q_out, branch.shape[1])
-        logits, cache = self._run(branch, branch_mask, None, m, call["use_cache"])  # [B, m, V]
-        if call["use_cache"]:
-            self._state = {"cache": cache, "mask": branch_mask, "seen": ids.shape[1]}
-            self._follow_reorders(call["cache"])
-        return logits, after[:, -m:]
-
-    def _follow_reorders(self, main_cache) -> None:
-        """Beam search reorders the main cache in place (``cache.reorder_cache(beam_idx)``): wrap that method of
-        this sequence's cache object so the branch cache and mask follow the same beams."""
-        if main_cache is None or not hasattr(main_cache, "reorder_cache"):
-            return
-        state, original = self._state, main_cache.reorder_cache
-
-        def reorder_cache(beam_idx, *args, **kwargs):
-            result = original(beam_idx, *args, **kwargs)
-            if self._state is state:  # still this sequence
-                if state["cache"] is not None:
-                    state["cache"].reorder_cache(beam_idx)
-                state["mask"] = state["mask"].index_select(0, beam_idx.to(state["mask"].device))  # [B, T]
-            return result
-
-        main_cache.reorder_cache = reorder_cache
+        return BranchInputs({"inputs_embeds": branch, "attention_mask": branch_mask}, valid=after)
 
     def _decode(self, call: dict, q_out: int):
-        state, ids = self._state, call["ids"]
-        if state is None:
-            return None, None  # a sequence DAMRO left alone (no image at prefill)
-        if ids is None or (call["mask"] is not None and call["mask"].shape[1] != state["seen"] + ids.shape[1]):
-            raise RuntimeError("damro: this decode step does not continue the sequence of the last prefill")
-        if bool((ids == self._image_id).any()):
+        if self._state is not None and call["ids"] is not None and bool((call["ids"] == self._image_id).any()):
             raise ValueError("damro: image tokens after the prefill are unsupported")
-        new_mask = call["mask"][:, -ids.shape[1]:] if call["mask"] is not None else torch.ones_like(ids)  # [B, q]
-        mask = torch.cat([state["mask"], new_mask.to(state["mask"])], dim=1)  # [B, T+q]
-        m = min(q_out, ids.shape[1])
-        logits, state["cache"] = self._run(self._embed(ids), mask, state["cache"], m, True)
-        state["mask"], state["seen"] = mask, state["seen"] + ids.shape[1]
-        return logits, torch.ones(ids.shape[0], m, dtype=torch.bool)
+        return super()._decode(call, q_out)
 
-    def _run(self, embeds, mask, cache, last: int, use_cache: bool):
-        """One stock-decoder pass of the branch: embeds ``[B, q, C]`` (new tokens), mask ``[B, past+q]`` →
-        (logits of the last ``last`` positions ``[B, last, V]``, cache)."""
-        handle = self._handle
-        positions = _positions(mask)[:, -embeds.shape[1]:]  # [B, q]
-        if cache is None:  # a prefill: keep its inputs for inspection
-            self.last_branch = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
-        self._busy = True
-        try:
-            with handle.detached():  # the stock decoder, untracked: the span tracker stays on the main sequence
-                out = self._text(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                 **cache_kwargs(self._text, cache, use_cache))
-                logits = self._head(out.last_hidden_state[:, -last:])  # [B, last, V]
-        finally:
-            self._busy = False
-        return logits, output_cache(out) if use_cache else None
+    def combine(self, main: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return damro_logits(main, branch, self.alpha, self.beta)
