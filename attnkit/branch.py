@@ -24,6 +24,8 @@ branches from scratch at every step); a call on a non-empty cache is a decode st
 embedding; decode steps are embedded with the model's input embedding. ``runner = "model"``: the branch calls the
 whole model (e.g. with other ``pixel_values``), prefill and decode alike. Positions come from the branch's own mask
 (``cumsum − 1``, as ``generate`` numbers them), except on multi-axis RoPE models (Qwen2-VL), which compute theirs.
+``mirror = True`` says the branch keeps the main sequence's tokens and positions (only other inputs differ): its decode
+steps then reuse the main call's inputs (ids, mask, positions, token types) with the branch's own cache.
 
 Example (a branch that sees the prompt without its first real token, combined as ``ℓ + ℓ_branch``):
     >>> import torch, attnkit
@@ -88,6 +90,9 @@ class BranchedLogits(Intervention):
     (e.g. to start a capture before the main pass)."""
 
     runner: str = "decoder"
+    #: the branch has the main sequence's tokens and positions (only other inputs differ, e.g. the pixels): decode
+    #: steps then reuse the main call's own inputs (ids, mask, positions, token types) with the branch's cache
+    mirror: bool = False
 
     def __init__(self, **target):
         super().__init__(**target)
@@ -147,7 +152,8 @@ class BranchedLogits(Intervention):
         past = cache_length(cache) or 0
         extra = {k: v for k, v in kwargs.items() if k not in _CALL_KEYS and cache_from_kwargs({k: v}) is None}
         self._call = {"ids": ids, "mask": kwargs.get("attention_mask"), "prefill": past == 0, "cache": cache,
-                      "use_cache": kwargs.get("use_cache", True) is not False, "embeds": None, "kwargs": extra}
+                      "use_cache": kwargs.get("use_cache", True) is not False, "embeds": None, "kwargs": extra,
+                      "all": {k: v for k, v in kwargs.items() if cache_from_kwargs({k: v}) is None}}
         if self._call["prefill"] and self._handle.active:
             self.on_prefill(self._call)
 
@@ -220,10 +226,25 @@ class BranchedLogits(Intervention):
         new_mask = call["mask"][:, -ids.shape[1]:] if call["mask"] is not None else torch.ones_like(ids)  # [B, q]
         mask = torch.cat([state["mask"], new_mask.to(state["mask"])], dim=1)  # [B, T+q]
         m = min(q_out, ids.shape[1])
-        inputs = {"inputs_embeds": self._embed(ids)} if self.runner == "decoder" else {"input_ids": ids}
-        logits, state["cache"] = self._run(inputs, mask, state["cache"], m, True)
+        if self.mirror:
+            logits, state["cache"] = self._mirror_step(call, state["cache"], m)
+        else:
+            inputs = {"inputs_embeds": self._embed(ids)} if self.runner == "decoder" else {"input_ids": ids}
+            logits, state["cache"] = self._run(inputs, mask, state["cache"], m, True)
         state["mask"], state["seen"] = mask, state["seen"] + ids.shape[1]
         return logits, torch.ones(ids.shape[0], m, dtype=torch.bool)
+
+    def _mirror_step(self, call: dict, cache, last: int):
+        """A decode step of a mirrored branch: the main call's inputs, the branch's cache."""
+        model = self._handle.model
+        self._busy = True
+        try:
+            with self._handle.detached():
+                inputs = {k: v for k, v in call["all"].items() if k != "use_cache"}
+                out = model(**inputs, **cache_kwargs(model, cache, True))
+        finally:
+            self._busy = False
+        return out.logits[:, -last:], output_cache(out)
 
     def _run(self, inputs: dict, mask: torch.Tensor, cache, last: int, use_cache: bool):
         """One stock pass of the branch: new inputs (``inputs_embeds``/``input_ids`` ``[B, q, ·]`` + any model kwargs),
