@@ -9,6 +9,7 @@ from decode_reference import attnkit_run
 from attnkit.interventions.kvcache._sparse import KeyAccount, rope_positions
 from attnkit.interventions.kvcache.duo import DuoAttention
 from attnkit.interventions.kvcache.long_heads import LongHeads
+from attnkit.interventions.kvcache.moa import MoA
 from attnkit.interventions.kvcache.razor import RazorAttention
 from attnkit.interventions.kvcache.recycled import Recycled
 from attnkit.interventions.kvcache.tidal_decode import TidalDecode
@@ -24,6 +25,7 @@ METHODS = {
     "razor-paper": lambda: RazorAttention(retrieval_heads={0: [0]}, sinks=1, buffer="paper", paper_min_recent=3,
                                           paper_ratio=4, compensation_weight="count", recompress_every_step=True),
     "duo": lambda: DuoAttention({0: [0]}, sinks=1, recent=3),
+    "moa": lambda: MoA(spans={0: [(1.0, 0.2), None, (2.0, 0.0)], 1: [(0.0, 0.3)]}, sinks=1),
 }
 LONG = [1, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31]
 SHORT = [1, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24]
