@@ -88,7 +88,7 @@ def sink_dim_values(hidden: torch.Tensor, dims, eps: float = 1e-6) -> torch.Tens
 
     Example:
         >>> h = torch.ones(2, 2, 4); h[0, 1, 2] = 8.0; h[1, 0, 3] = 8.0
-        >>> sink_dim_values(h, torch.tensor([[2], [3]])).gt(2).int().tolist()
+        >>> sink_dim_values(h, torch.tensor([[2], [3]])).gt(1.5).int().tolist()   # 8 / RMS = 1.95, 1 / RMS = 0.24
         [[0, 1], [1, 0]]
     """
     x = hidden.float()  # [B, N, D]
