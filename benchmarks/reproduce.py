@@ -239,11 +239,11 @@ def run_sinks(model, tok, cfg: Config) -> Section:
 # ================================================================================================ 2. streaming
 def bounded_ppl(model, ids: torch.Tensor, sinks: int, window: int) -> float:
     """Perplexity of ``ids`` when every token sees the first ``sinks`` tokens plus the previous ``window`` tokens at
-    their original positions, in one forward: the ``kv-retention`` key mask (no retrieval heads, so every head
-    streams). Equal to the token-by-token eval with a ``SinkWindowPolicy(sinks, window, shift_positions=False)``
+    their original positions, in one forward: the ``kv-retention`` Λ key mask (``mask="lambda"``: applied to every row of
+    the one forward; no retrieval heads, so every head streams). Equal to the token-by-token eval with a ``SinkWindowPolicy(sinks, window, shift_positions=False)``
     cache (streaming-llm's PPL script without --enable_pos_shift); for ``sinks=0`` positions do not matter (RoPE
     is relative), so it is also the paper's window attention. ``window + 1`` because the query is a key too."""
-    with attnkit.attach(model, [KVRetention(sinks=sinks, window=window + 1)]), torch.no_grad():
+    with attnkit.attach(model, [KVRetention(sinks=sinks, window=window + 1, mask="lambda")]), torch.no_grad():
         nll, n = ppl.strided_nll(model, ids, max_length=len(ids))
     return ppl.perplexity(nll, n)
 
