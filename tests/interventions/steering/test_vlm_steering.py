@@ -7,7 +7,7 @@ import torch
 
 import attnkit
 from attnkit.interventions.pruning._vision_cls import ClsAttention
-from attnkit.interventions.pruning.vtc_cls import VTCCLS
+from attnkit.interventions.pruning.vtc_cls import VTCCLS, ensemble_layers, released_start_layer
 from attnkit.interventions.steering.cmai import CMAI, focus_scores, inhibited_pairs
 from attnkit.interventions.steering.paint import Paint, modulate
 from attnkit.testing import VISION_FAMILIES, tiny_vlm, vlm_inputs
@@ -143,6 +143,48 @@ def test_vtc_cls_worked_example_and_selection_by_hand(llava):
         want = sorted(img_idx[cls[b].topk(5).indices].tolist())
         kept = plan.index[b][plan.slot_real[b]].tolist()
         assert [i for i in kept if image[b, i]] == want
+
+
+def _deep_tower_llava(depth: int):
+    """The tiny LLaVA with a ``depth``-layer CLIP tower (features from the penultimate layer, as LLaVA-1.5)."""
+    from attnkit.hooks.compat import model_from_config
+    from attnkit.testing import _tiny_vlm_config
+    from transformers import LlavaForConditionalGeneration
+
+    config = _tiny_vlm_config("llava")
+    config.vision_config.num_hidden_layers = depth
+    config.vision_feature_layer = -2
+    torch.manual_seed(0)
+    return model_from_config(LlavaForConditionalGeneration, config, attn_implementation="sdpa").eval()
+
+
+def test_vtc_cls_default_is_the_released_layer_ensemble_scaled_to_the_tower():
+    assert ensemble_layers(24, None) == list(range(16, 23))  # --layer 16 on CLIP-L/336: attentions[16:-1]
+    assert ensemble_layers(24, -2) == [22]  # the penultimate-only variant
+    assert [released_start_layer(n) for n in (24, 12, 6, 2)] == [16, 8, 4, 0]
+    model = _deep_tower_llava(12)
+    batch, _ = _mixed(model)
+    with torch.no_grad():
+        model.set_attn_implementation({"text_config": "sdpa", "vision_config": "eager"})
+        tower = model.model.vision_tower(batch["pixel_values"], output_attentions=True)
+        model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+        ensemble = sum(tower.attentions[i][:, :, 0, 1:].mean(1) for i in (8, 9, 10))  # [B, P] layers 8..10
+        last = tower.attentions[10][:, :, 0, 1:].mean(1)
+        plans = {}
+        for start in (None, -2):
+            with attnkit.attach(model, [VTCCLS(keep=5, start_layer=start)]) as h:
+                model(**batch)
+                plans[start] = h.interventions[0]._dropper.plan
+                assert h.interventions[0]._cls.layers == ([8, 9, 10] if start is None else [10])
+    image = batch["input_ids"] == model.config.image_token_id
+    differs = False
+    for b in range(2):
+        img_idx = image[b].nonzero().flatten()
+        for start, score in ((None, ensemble), (-2, last)):
+            kept = plans[start].index[b][plans[start].slot_real[b]].tolist()
+            assert [i for i in kept if image[b, i]] == sorted(img_idx[score[b].topk(5).indices].tolist())
+        differs |= set(ensemble[b].topk(5).indices.tolist()) != set(last[b].topk(5).indices.tolist())
+    assert differs, "the test needs a case where the ensemble and the penultimate layer disagree"
 
 
 @pytest.mark.parametrize("positions", ["contiguous", "original"])
