@@ -296,7 +296,8 @@ def run_streaming(model, tok, cfg: Config) -> Section:
     with timed(times, "check: policy, pos shift"):
         checks["shift"] = streaming_ppl(model, check, ppl.SinkWindowPolicy(s, w, shift_positions=True))
     with timed(times, "check: streaming-llm intervention"):
-        checks["iv"] = streaming_ppl(model, check, intervention=StreamingLLM(num_sinks=s, window=w))
+        checks["iv"] = streaming_ppl(model, check, intervention=StreamingLLM(num_sinks=s, window=w,
+                                                                                       evict="per_call"))
     with timed(times, "check: window only, mask"):
         checks["w_mask"] = bounded_ppl(model, check, 0, w)
     with timed(times, "check: window only, policy"):
@@ -711,7 +712,7 @@ def run_cost(model, tok, cfg: Config, state: dict, earlier: list) -> Section:
     arms = {
         "stock (no attach)": lambda: [],
         f"streaming-llm (4 sinks + {cfg.cost_prompt_tokens // 4} window)":
-            lambda: [StreamingLLM(num_sinks=4, window=cfg.cost_prompt_tokens // 4)],
+            lambda: [StreamingLLM(num_sinks=4, window=cfg.cost_prompt_tokens // 4, evict="per_call")],
         "act (" + (f"{sum(map(len, act_heads.values()))} selected heads" if act_heads else
                    f"all heads, layers 2..{n_layers - 2}") + ")":
             lambda: [ACT(heads=act_heads) if act_heads else ACT(layers=f"2:{n_layers - 1}")],
