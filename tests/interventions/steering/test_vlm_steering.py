@@ -64,6 +64,45 @@ def test_cmai_rows_match_hand_computation_on_layer0(llava):
             assert torch.allclose(steered[b, :, t], stock[b, :, t], atol=1e-6)
 
 
+def test_cmai_uses_the_models_own_mask_sliding_window_and_image_blocks():
+    """Gemma3: layer 0 slides (window 8) and image tokens attend bidirectionally inside their block. The focus score
+    is built from the layer's real attention (the stock map), and decoding with the windowed cache (whose keys are the
+    last 8 positions) equals recomputation."""
+    model = tiny_vlm("gemma3")
+    inputs = vlm_inputs("gemma3", model, batch=1)
+    with torch.no_grad():
+        with attnkit.attach(model, [], backend="eager") as h, h.capture(layers=[0], queries="all") as cap:
+            model(**inputs)
+        stock = cap.last(0)  # [1, H, N, N], windowed and bidirectional
+        with attnkit.attach(model, [CMAI(keep_ratio=0.25, layers=[0])]) as h, h.capture(layers=[0], queries="all") \
+                as cap:
+            model(**inputs)
+        steered = cap.last(0)
+    image = inputs["input_ids"][0] == model.config.image_token_id
+    text = ~image
+    a = stock[0].mean(0)  # [N, N]
+    focus = (a * text[None, :]) @ (a * image[None, :])  # [N, N]
+    img_idx = image.nonzero().flatten()
+    checked = 0
+    for t in text.nonzero().flatten().tolist():
+        keep = img_idx[focus[t, img_idx].argsort(descending=True, stable=True)[:4]]  # ties (focus 0): first ones
+        w = torch.ones(len(image))
+        w[img_idx] = 0
+        w[keep] = 1
+        want = stock[0, :, t] * w
+        if want.sum() == 0:
+            continue
+        assert torch.allclose(steered[0, :, t], want / want.sum(-1, keepdim=True), atol=1e-5)
+        checked += 1
+    assert checked > 0
+    gen = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad(), attnkit.attach(model, [CMAI(keep_ratio=0.5)]):
+        cached = model.generate(**inputs, **gen)
+        recomputed = model.generate(**inputs, use_cache=False, **gen)
+    for x, y in zip(cached.scores, recomputed.scores):
+        assert torch.allclose(x, y, atol=1e-4)
+
+
 def test_cmai_batched_per_sample_and_cache_equals_recompute(llava):
     batch, singles = _mixed(llava)
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
