@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import attnkit
+from attnkit.hooks.compat import cache_kwargs, output_cache
 from attnkit.interventions.pruning._vision_cls import ClsAttention
 from attnkit.interventions.pruning.vtc_cls import VTCCLS, ensemble_layers, released_start_layer
 from attnkit.interventions.steering.cmai import CMAI, focus_scores, inhibited_pairs
-from attnkit.interventions.steering.paint import Paint, modulate
+from attnkit.interventions.steering.paint import Paint, cfg_logits, modulate, text_only_inputs
 from attnkit.testing import VISION_FAMILIES, tiny_vlm, vlm_inputs
 
 
@@ -136,6 +137,66 @@ def test_paint_worked_example():
                  0.7, 0.3)
     assert torch.allclose(z, torch.tensor([3.4, 1.0, -0.7, 0.5]))
     assert torch.allclose(torch.softmax(z, -1), torch.tensor([0.860, 0.078, 0.014, 0.047]), atol=1e-3)
+
+
+def test_paint_cfg_term_by_hand():
+    cond, uncond = torch.tensor([2.0, 1.0, -1.0]), torch.tensor([2.5, 0.0, 0.0])
+    ls_c = cond - math.log(math.exp(2) + math.exp(1) + math.exp(-1))
+    ls_u = uncond - math.log(math.exp(2.5) + 2)
+    want = 1.1 * (ls_c - ls_u) + ls_u
+    want[2] = float("-inf")  # ls_c[2] = -3.349 < log 0.1 + max ls_c = -2.652
+    assert torch.allclose(cfg_logits(cond, uncond, 1.1), want, atol=1e-6)
+    assert torch.equal(cfg_logits(cond, uncond, 1.0), torch.log_softmax(cond, -1))  # gamma 1: the term is off
+    assert cfg_logits(cond, uncond, 2.0).argmax() == 1  # guidance against the text-only prediction flips the top
+
+
+def _paint_cfg_reference(model, batch, gamma, steps):
+    """Greedy decoding with the CFG term built by hand: the modulated model (gamma 1) with its cache, and the stock
+    model on the text-only prompt with its own cache, combined by cfg_logits."""
+    image_id = model.config.image_token_id
+    ids_u, mask_u = text_only_inputs(batch["input_ids"], batch["attention_mask"], image_id)
+    pos_u = (mask_u.cumsum(-1) - 1).clamp_min(0)
+    scores = []
+    with torch.no_grad():
+        with attnkit.attach(model, [Paint(gamma=1.0)]) as handle:  # detached() calls run the stock model
+            out_c = model(**batch, use_cache=True)
+            with handle.detached():
+                out_u = model(input_ids=ids_u, attention_mask=mask_u, position_ids=pos_u, use_cache=True)
+            mask_c = batch["attention_mask"]
+            for _ in range(steps):
+                combined = cfg_logits(out_c.logits[:, -1], out_u.logits[:, -1], gamma)  # [B, V]
+                scores.append(combined)
+                token = combined.argmax(-1, keepdim=True)  # [B, 1]
+                mask_c = torch.cat([mask_c, torch.ones_like(token)], 1)
+                mask_u = torch.cat([mask_u, torch.ones_like(token)], 1)
+                out_c = model(input_ids=token, attention_mask=mask_c, **cache_kwargs(model, output_cache(out_c)))
+                with handle.detached():
+                    out_u = model(input_ids=token, attention_mask=mask_u, position_ids=mask_u.sum(1, keepdim=True) - 1,
+                                  **cache_kwargs(model, output_cache(out_u)))
+    return scores
+
+
+def test_paint_cfg_term_in_generate_equals_the_hand_built_two_branch_decoding(llava):
+    batch, _ = _mixed(llava)  # two samples, one left-padded
+    ref = _paint_cfg_reference(llava, batch, gamma=2.0, steps=3)
+    paint = Paint(gamma=2.0)
+    with torch.no_grad(), attnkit.attach(llava, [paint]):
+        gen = llava.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None,
+                             output_scores=True, return_dict_in_generate=True)
+    for got, want in zip(gen.scores, ref):
+        finite = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(got), finite)
+        assert torch.allclose(got[finite], want[finite], atol=1e-4)
+    assert paint._branch["mask"].shape[1] == text_only_inputs(batch["input_ids"], batch["attention_mask"],
+                                                              llava.config.image_token_id)[0].shape[1] + 2
+    with torch.no_grad():
+        with attnkit.attach(llava, [Paint()]) as h:
+            plain = llava(**batch).logits
+            assert h.interventions[0]._branch is None  # gamma 1 (default): no second pass
+        with attnkit.attach(llava, [Paint(gamma=2.0)]):
+            guided = llava(**batch).logits
+    assert torch.allclose(guided[:, :-1], plain[:, :-1])  # only the last position is replaced
+    assert not torch.allclose(guided[:, -1], plain[:, -1])
 
 
 def test_paint_last_row_by_hand_and_batching(llava):
