@@ -81,7 +81,8 @@ def text_only_inputs(ids: torch.Tensor, mask: torch.Tensor | None, image_token_i
     ids/mask ``[B, N]`` → ``(ids' [B, N'], mask' [B, N'])``.
 
     Example:
-        >>> text_only_inputs(torch.tensor([[0, 7, 9, 9, 5], [7, 9, 9, 5, 6]]), torch.tensor([[0, 1, 1, 1, 1], [1] * 5]), 9)
+        >>> ids, mask = torch.tensor([[0, 7, 9, 9, 5], [7, 9, 9, 5, 6]]), torch.tensor([[0, 1, 1, 1, 1], [1] * 5])
+        >>> text_only_inputs(ids, mask, image_token_id=9)
         (tensor([[0, 7, 5],
                 [7, 5, 6]]), tensor([[0, 1, 1],
                 [1, 1, 1]]))
