@@ -313,7 +313,7 @@ class PromptToPrompt(Intervention):
     conformance = {
         "neutral": {"prompts": ["a photo of a cat", "a dog on the grass"], "cross_replace_steps": 0.0,
                     "self_replace_steps": 0.0},
-        "active": {"prompts": ["a photo of a cat", "a dog on the grass"]},
+        "active": {"prompts": ["a photo of a cat", "a dog on the grass"], "blend_words": ["cat", "dog"]},
         "families": ("sd-pipeline",), "families_reason": "needs the pipeline's tokenizer for its prompts"}
     requires = frozenset({"denoiser"})
     description = "Prompt-to-Prompt: inject the source prompt's cross-attention maps into target prompts"
