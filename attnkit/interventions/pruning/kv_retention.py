@@ -52,7 +52,12 @@ MASKS = ("deploy", "lambda")
 
 
 def sink_keys(real: torch.Tensor, sinks: int) -> torch.Tensor:
-    """Bool ``[B, K]``: the first ``sinks`` real keys of each sample (left padding skipped)."""
+    """Bool ``[B, K]``: the first ``sinks`` real keys of each sample (left padding skipped).
+
+    Example:
+        >>> sink_keys(torch.tensor([[False, True, True, True]]), 2).int().tolist()
+        [[0, 1, 1, 0]]
+    """
     return real & (real.long().cumsum(1) <= sinks)
 
 

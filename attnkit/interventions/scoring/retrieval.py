@@ -57,7 +57,13 @@ def copy_paste_score(argmax_steps: torch.Tensor, prompt_ids: torch.Tensor, token
                      span: tuple[int, int], counting: str = "positions") -> torch.Tensor:
     """One trial's score per head ``[L, H]`` from each step's top-1 key ``argmax_steps`` long ``[T, L, H]`` and the
     ``T`` emitted tokens: ``"positions"`` = distinct needle positions copied / ``|span|`` (≤ 1), ``"steps"`` = copying
-    steps / ``|span|`` (the released code)."""
+    steps / ``|span|`` (the released code).
+
+    Example (a two-token needle at [0, 2) copied twice by one head):
+        >>> j, prompt, tokens = torch.tensor([0, 1, 0, 1]).view(4, 1, 1), torch.tensor([7, 8, 9]), [7, 8, 7, 8]
+        >>> [copy_paste_score(j, prompt, tokens, (0, 2), c).item() for c in ("positions", "steps")]
+        [1.0, 2.0]
+    """
     if counting not in COUNTINGS:
         raise ValueError(f"retrieval: counting must be one of {COUNTINGS}, got {counting!r}")
     start, end = span

@@ -77,7 +77,12 @@ def local_blend(latents: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def latent_grid(latents: torch.Tensor) -> tuple[int, int] | None:
-    """Spatial size of pipeline latents: ``[B, C, H, W]`` → (H, W); packed ``[B, N, C]`` → a square grid or None."""
+    """Spatial size of pipeline latents: ``[B, C, H, W]`` → (H, W); packed ``[B, N, C]`` → a square grid or None.
+
+    Example:
+        >>> latent_grid(torch.zeros(2, 4, 8, 6)), latent_grid(torch.zeros(2, 16, 64)), latent_grid(torch.zeros(2, 12, 64))
+        ((8, 6), (4, 4), None)
+    """
     if latents.dim() == 4:
         return int(latents.shape[2]), int(latents.shape[3])
     if latents.dim() == 3:
