@@ -141,7 +141,7 @@ class Paint(Intervention):
         n = len(vision_layers(handle.model))
         self._cls = ClsAttention(handle.model, layers=sorted({0, max(n - 2, 0)}))
         self._strategy = getattr(handle.model.config, "vision_feature_select_strategy", "default")
-        self._call, self._branch = None, None
+        self._call, self._branch, self._sets = None, None, None  # sequence ids restart with every attachment
         hooks = self._cls.install(handle)
         if self.gamma != 1:
             self._image_id = handle.description.image_token_id

@@ -106,6 +106,9 @@ class Pasta(Intervention):
         self.alpha, self.span, self.scale_position = alpha, span, scale_position
         self._sections: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (sequence id, counts [B, T0], [B])
 
+    def setup(self, model) -> None:
+        self._sections = None  # sequence ids restart with every attachment
+
     def _section_counts(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         """``(counts [B, T] over all tracked positions, sections [B])`` for this sequence (built at its prefill)."""
         tracker = ctx.tracker
