@@ -20,10 +20,12 @@ the image tokens (a row ``[.30, 0, .40, .30]`` = other, image, text sink, image 
 Default = the released code because the paper never states what happens in such a layer and the code is what the
 published numbers come from.
 
-Other defaults: τ = 20 (strict ``>``), sinks only in layers ≥ 2 (code ``range(L)[2:]``), last layer excluded
-(``except_last_layer=True``, the paper; the released code's flag is shadowed so it modifies the last layer — set
-False to match it), text query rows only (``queries="text"``, paper; ``"after_image"`` = the code's prefill filter,
-``"all"``). Sinks are detected at prefill and reused while decoding; each new row is re-tested at every step.
+Other defaults follow the released code too: τ = 20 (strict ``>``), sinks only in layers ≥ 2 (code
+``range(L)[2:]``), the last layer modified (``except_last_layer=False``: the code's flag is shadowed by a class
+attribute, so the published numbers come from a run that modifies it; ``True`` is the paper), and in the prefill only
+the query rows after the image (``queries="after_image"``, the code's ``q ≥ im + 576`` filter; ``"text"`` = every
+text row, the paper; ``"all"``). Sinks are detected at prefill and reused while decoding; each new row is re-tested
+at every step.
 
 Sink dimensions (``sink_dims``) are a property of the base LLM and must be given: LLaVA-1.5-7B / LLaMA-2-7B
 [1415, 2533] and LLaVA-1.5-13B [2100, 4743] (released code), Qwen2-VL-7B [458, 2570] (secondary sources; the presets
@@ -102,8 +104,8 @@ class VAR(Intervention):
     description = "Visual Attention Redistribution: recycle sink attention to non-sink image tokens"
 
     def __init__(self, p: float = 0.4, rho: float = 0.5, tau: float = 20.0, sink_dims: list | str | None = None,
-                 min_image_mass: float = 0.2, convention: str = "paper", queries: str = "text",
-                 first_layer: int = 2, except_last_layer: bool = True, num_auto_dims: int = 2,
+                 min_image_mass: float = 0.2, convention: str = "paper", queries: str = "after_image",
+                 first_layer: int = 2, except_last_layer: bool = False, num_auto_dims: int = 2,
                  require_visual_sink: bool = True, **target):
         super().__init__(**target)
         if convention not in ("paper", "code"):
