@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from attnkit.hooks.kv_edit import apply_kv_edits
 from attnkit.kernels.eager import eager_probs
 from attnkit.kernels.masks import causal_allowed
 
@@ -34,8 +35,12 @@ class Site:
 
 def attend(runtime, site: Site, query, key, value, mask, *, scaling: float, causal: bool, softcap, dropout: float,
            make_ctx: Callable, stock: Callable, call_index: int) -> torch.Tensor:
-    """Run ``site``'s plan (or ``stock()`` when it has none) and feed ``runtime.captures`` → ``[B,H,Q,D]``."""
+    """Run ``site``'s plan (or ``stock()`` when it has none) and feed ``runtime.captures`` → ``[B,H,Q,D]``.
+
+    ``edit_kv`` entries run first (:mod:`attnkit.hooks.kv_edit`); the backend and the captures see their result."""
     if site.entries:
+        query, key, value, mask, make_ctx = apply_kv_edits(site.entries, query, key, value, mask, causal=causal,
+                                                           make_ctx=make_ctx)
         out = site.backend.run(query, key, value, mask, scaling=scaling, entries=site.entries, make_ctx=make_ctx,
                                causal=causal, softcap=softcap, dropout=dropout)
         for entry in site.entries:
