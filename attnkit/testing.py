@@ -387,7 +387,7 @@ def tiny_clip_tokenizer(max_length: int = 8):
 
     Example:
         >>> tiny_clip_tokenizer()("a red cat")["input_ids"][:5]
-        [0, 3, 17, 6, 1]
+        [0, 3, 28, 8, 1]
     """
     import json
     import tempfile
@@ -465,12 +465,14 @@ PIPELINE_FAMILIES = ("sd", "sd3", "flux", "pixart", "animatediff", "cogvideox")
 def tiny_pipeline(family: str = "sd", seed: int = 0):
     """A tiny diffusers pipeline of ``family`` (see :data:`PIPELINE_FAMILIES`), random weights, built offline:
 
-    * ``sd``: StableDiffusionPipeline (UNet, DDIM, 100 training steps), 16×16 images → 8×8 latents;
+    * ``sd``: StableDiffusionPipeline (UNet, DDIM, 100 training steps), 8×8 images ↔ 8×8 latents (the tiny VAEs
+      do not downsample);
     * ``sd3``: StableDiffusion3Pipeline (joint attention, flow matching; two CLIP encoders, no T5);
     * ``flux``: FluxPipeline (joint + single-stream attention, flow matching; CLIP + T5);
     * ``pixart``: PixArtAlphaPipeline (DiT with cross-attention, T5, DDIM);
-    * ``animatediff``: AnimateDiffPipeline (motion UNet, DDIM), frames 16×16;
-    * ``cogvideox``: CogVideoXPipeline (joint [text; video] attention, v-prediction DDIM), frames 16×16.
+    * ``animatediff``: AnimateDiffPipeline (motion UNet, DDIM), 8×8 frames;
+    * ``cogvideox``: CogVideoXPipeline (joint [text; video] attention, v-prediction DDIM, 2x spatial and 4x temporal
+      VAE compression), 16×16 frames.
 
     Example:
         >>> pipe = tiny_pipeline("animatediff")

@@ -1,0 +1,1 @@
+"""Diffusion editing infrastructure: DDIM inversion, attention stores and injection primitives (issue 15)."""
