@@ -128,13 +128,15 @@ def _call(pipe, latents, prompt, num_inference_steps, guidance_scale, extra: dic
 
 
 def ddim_invert(pipe, latents: torch.Tensor, prompt="", *, num_inference_steps: int = 50,
-                guidance_scale: float = 1.0, convention: str = "A", record=None, **call_kwargs) -> Inversion:
+                guidance_scale: float = 1.0, convention: str = "A", record=None, v_prediction: str = "exact",
+                **call_kwargs) -> Inversion:
     """Invert ``latents`` (the pipeline's ``latents=`` format) with ``pipe``: deterministic, η = 0.
 
     ``prompt`` and ``guidance_scale`` are the pipeline's (StyleID: ``""`` and no CFG; FateZero: the source prompt,
     no CFG; MasaCtrl: ``""`` with 7.5). ``convention`` ``"A"`` (destination timestep, diffusers
     ``DDIMInverseScheduler``) or ``"B"`` (source timestep, StyleID's LDM code); flow-matching pipelines use the
-    reversed Euler step. ``record``: an :class:`~attnkit.diffusion.store.AttentionStore` (or a list of
+    reversed Euler step; v-prediction models the exact inverse of the sampler (``v_prediction="diffusers"``:
+    ``DDIMInverseScheduler``'s formula). ``record``: an :class:`~attnkit.diffusion.store.AttentionStore` (or a list of
     interventions) attached during the pass. Other keyword arguments go to the pipeline call.
 
     Example:
@@ -147,7 +149,7 @@ def ddim_invert(pipe, latents: torch.Tensor, prompt="", *, num_inference_steps: 
     """
     import attnkit
 
-    inverse = InverseScheduler(pipe.scheduler, convention=convention)
+    inverse = InverseScheduler(pipe.scheduler, convention=convention, v_prediction=v_prediction)
     records = [] if record is None else (list(record) if isinstance(record, (list, tuple)) else [record])
     with torch.no_grad(), swapped(pipe, inverse):
         if records:

@@ -19,6 +19,10 @@ Formulas (``ᾱ`` = ``alphas_cumprod``, ``r = T // N``; see METHODS-2.md §5.0):
   algebraic inverse of ``DDIMScheduler.step`` (η = 0) for the same ε.
 * Convention B (StyleID's LDM ``encode_ddim``): called with the source ``t_i`` on the latent at level ``t_i`` (``x_0``
   counts as level ``t_0``), mapped to ``t_{i+1}``; the last target is ``T − 1``.
+* v-prediction (CogVideoX): by default the exact algebraic inverse of the sampler's step for the same ``v`` (the
+  sampler turns ``v`` into ``x̂_0`` at the destination level): ``x_t = (x_s + b √(1−ᾱ_t) v) / (a + b √ᾱ_t)`` with
+  ``a = √((1−ᾱ_s)/(1−ᾱ_t))``, ``b = √ᾱ_s − √ᾱ_t a``. ``v_prediction="diffusers"`` converts ``v`` at the source level
+  instead, as diffusers' ``DDIMInverseScheduler`` (and METHODS-2.md §5.0) do.
 * Flow matching (SD3, Flux): ``x ← x + (σ_i − σ_src) v`` with ``σ_src`` the next lower sigma of the schedule (0 for the
   first step), the denoiser called at ``σ_i``: the exact inverse of the Euler step for the same ``v``.
 
@@ -90,13 +94,17 @@ class InverseScheduler(_Wrapper):
     """The pipeline's scheduler run backwards (see the module docstring); ``trajectory`` holds the latent before the
     first step and after every step, in order (``len = N + 1``), and ``called`` the denoiser timesteps.
 
-    ``convention``: ``"A"`` (default) or ``"B"``; ignored for flow matching."""
+    ``convention``: ``"A"`` (default) or ``"B"``; ignored for flow matching. ``v_prediction``: ``"exact"`` (default)
+    or ``"diffusers"`` (see the module docstring)."""
 
-    def __init__(self, base, convention: str = "A"):
+    def __init__(self, base, convention: str = "A", v_prediction: str = "exact"):
         if convention not in CONVENTIONS:
             raise ValueError(f"DDIM inversion convention must be one of {CONVENTIONS}, got {convention!r}")
+        if v_prediction not in ("exact", "diffusers"):
+            raise ValueError(f"v_prediction must be 'exact' or 'diffusers', got {v_prediction!r}")
         super().__init__(base)
         object.__setattr__(self, "convention", convention)
+        object.__setattr__(self, "v_prediction", v_prediction)
         object.__setattr__(self, "flow", is_flow_matching(base))
         self.__dict__.update(trajectory=[], called=[], timesteps=None, _levels=None)
 
@@ -154,11 +162,18 @@ class InverseScheduler(_Wrapper):
             self.trajectory.append(sample.detach().clone())
         index = self._index(timestep)
         src, dst = self._levels[index]
-        x, out = sample.float(), model_output.float()
+        work = torch.promote_types(sample.dtype, torch.float32)  # at least fp32 (fp64 stays fp64)
+        x, out = sample.to(work), model_output.to(work)
+        prediction = getattr(self.base.config, "prediction_type", "epsilon")
         if self.flow:
             new, x0 = x + (dst - src) * out, x - src * out  # x̂_0 = x − σ v
+        elif prediction == "v_prediction" and self.v_prediction == "exact" and self.convention == "A":
+            a = math.sqrt((1 - src) / (1 - dst))
+            b = math.sqrt(src) - math.sqrt(dst) * a
+            new = (x + b * math.sqrt(1 - dst) * out) / (a + b * math.sqrt(dst))
+            x0 = math.sqrt(dst) * new - math.sqrt(1 - dst) * out
         else:
-            eps, x0 = _eps_and_x0(x, out, src, self.base.config.prediction_type)
+            eps, x0 = _eps_and_x0(x, out, src, prediction)
             new = math.sqrt(dst) * x0 + math.sqrt(1 - dst) * eps
         new = new.to(sample.dtype)
         self.trajectory.append(new.detach().clone())

@@ -57,9 +57,10 @@ class AttentionStore(Intervention):
     name = "attention-store"
     description = "record q/k/v (and optionally attention maps) per module and timestep for later injection"
     requires = frozenset({"denoiser"})
-    #: a recorder changes nothing: its one setting must reproduce the stock model (it has no "active" setting)
+    #: a recorder changes nothing: its "active" setting (recording everything) must still be exactly the stock model,
+    #: which the neutral cell checks; the other invariants run with it too
     conformance = {"neutral": {"tensors": ("q", "k", "v", "maps"), "kinds": ("self", "cross", "joint")},
-                   "active": None}
+                   "active": {"tensors": ("q", "k", "v", "maps"), "kinds": ("self", "cross", "joint")}}
 
     def __init__(self, tensors=("q", "k", "v"), kinds=("self",), timesteps=None, rows=None, heads=None,
                  max_queries: int | None = None, dtype: torch.dtype | str | None = None, offload: str | None = None,
