@@ -108,8 +108,11 @@ def geometry(pipe, latents: torch.Tensor) -> dict:
     return {"height": latents.shape[-2] * spatial, "width": latents.shape[-1] * spatial}
 
 
-def _call(pipe, latents, prompt, num_inference_steps, guidance_scale, extra: dict):
-    """Run the pipeline on ``latents`` with ``output_type="latent"`` and return its output latents."""
+def call_pipeline(pipe, latents, prompt, num_inference_steps: int, guidance_scale: float, extra: dict | None = None,
+                  output_type: str = "latent"):
+    """Run ``pipe`` from ``latents`` with the geometry they imply (height, width, frames), a text length that fits
+    the pipeline's tokenizer, ``prompt`` repeated over the batch, and ``extra`` keyword arguments → its output."""
+    extra = dict(extra or {})
     params = _call_params(pipe)
     kwargs = {k: v for k, v in geometry(pipe, latents).items() if k in params}
     kwargs.update(extra)
@@ -124,7 +127,7 @@ def _call(pipe, latents, prompt, num_inference_steps, guidance_scale, extra: dic
     if prompt is not None and "prompt_embeds" not in extra:
         kwargs["prompt"] = prompt
     return pipe(latents=latents, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                output_type="latent", **kwargs)
+                output_type=output_type, **kwargs)
 
 
 def ddim_invert(pipe, latents: torch.Tensor, prompt="", *, num_inference_steps: int = 50,
@@ -154,9 +157,9 @@ def ddim_invert(pipe, latents: torch.Tensor, prompt="", *, num_inference_steps: 
     with torch.no_grad(), swapped(pipe, inverse):
         if records:
             with attnkit.attach(pipe, records):
-                _call(pipe, latents, prompt, num_inference_steps, guidance_scale, call_kwargs)
+                call_pipeline(pipe, latents, prompt, num_inference_steps, guidance_scale, call_kwargs)
         else:
-            _call(pipe, latents, prompt, num_inference_steps, guidance_scale, call_kwargs)
+            call_pipeline(pipe, latents, prompt, num_inference_steps, guidance_scale, call_kwargs)
     if len(inverse.trajectory) != len(inverse.called) + 1 or not inverse.called:
         raise RuntimeError(f"{type(pipe).__name__} did not step the scheduler once per timestep; DDIM inversion "
                            "needs a pipeline that loops over scheduler.timesteps and accepts latents=")
@@ -174,8 +177,8 @@ def reconstruct(pipe, inversion: Inversion, prompt=None, guidance_scale=None, **
     scale = kwargs.pop("guidance_scale")
     kwargs.update(call_kwargs)
     with torch.no_grad():
-        out = _call(pipe, inversion.final, prompt, inversion.num_inference_steps,
-                    scale if guidance_scale is None else guidance_scale, kwargs)
+        out = call_pipeline(pipe, inversion.final, prompt, inversion.num_inference_steps,
+                            scale if guidance_scale is None else guidance_scale, kwargs)
     return output_latents(out)
 
 

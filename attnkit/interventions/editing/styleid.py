@@ -142,27 +142,34 @@ def _method_from(preset: str | None, overrides: dict) -> StyleID:
             raise ValueError(f"styleid: preset {preset!r} has no styleid entry")
         params = dict(entries[0].get("params") or {})
         target = {k: entries[0][k] for k in ("layers", "modules") if entries[0].get(k) is not None}
+    for key in ("layers", "modules"):
+        if overrides.get(key) is not None:
+            target = {key: overrides.pop(key)}
+        overrides.pop(key, None)
     params.update({k: v for k, v in overrides.items() if v is not None})
     return StyleID(content="self", style="self", **params, **target)
 
 
 def transfer(pipe, content, style, *, preset: str | None = "styleid", gamma: float | None = None,
-             tau: float | None = None, num_inference_steps: int | None = None, store_dtype=None, offload=None,
-             output_type: str = "pt", **call_kwargs) -> StyleTransfer:
+             tau: float | None = None, num_inference_steps: int | None = None, layers=None,
+             modules: str | None = None, store_dtype=None, offload=None, output_type: str = "pt",
+             **call_kwargs) -> StyleTransfer:
     """Style transfer with StyleID on ``pipe``.
 
     ``content``/``style``: images ``[1, 3, H, W]`` in ``[-1, 1]`` (encoded with the pipeline's VAE) or latents in the
     pipeline's format. ``preset``: ``"styleid"`` (LDM code, default) or
-    ``"styleid-diffusers"``; ``gamma``/``tau``/``num_inference_steps`` override it. The stores keep q (content) and
+    ``"styleid-diffusers"``; ``gamma``/``tau``/``num_inference_steps`` and the injected ``layers``/``modules``
+    override it. The stores keep q (content) and
     k/v (style) of the injected layers only, in ``store_dtype`` (e.g. ``torch.float16``) on ``offload`` (e.g.
     ``"cpu"``). Other keyword arguments go to every pipeline call."""
     import attnkit
-    from attnkit.diffusion.inversion import adain, ddim_invert, encode, geometry, output_latents
+    from attnkit.diffusion.inversion import adain, call_pipeline, ddim_invert, encode, output_latents
     from attnkit.diffusion.schedulers import TrimmedScheduler, swapped
     from attnkit.diffusion.store import AttentionStore
     from attnkit.hooks.diffusers import DiffusersAdapter
 
-    method = _method_from(preset, {"gamma": gamma, "tau": tau, "num_inference_steps": num_inference_steps})
+    method = _method_from(preset, {"gamma": gamma, "tau": tau, "num_inference_steps": num_inference_steps,
+                                   "layers": layers, "modules": modules})
     steps = method.num_inference_steps
     layers = _injected_layers(method, DiffusersAdapter(pipe).description)
     z_c = content if _is_latent(content) else encode(pipe, content)
@@ -179,11 +186,8 @@ def transfer(pipe, content, style, *, preset: str | None = "styleid", gamma: flo
     method.set_references(content=store_c, style=store_s)
     method.target.layers = layers
     scheduler = TrimmedScheduler(pipe.scheduler, 1) if method.skip_first_step else pipe.scheduler
-    kwargs = {k: v for k, v in geometry(pipe, z_t).items()}
-    kwargs.update(call_kwargs)
     with torch.no_grad(), swapped(pipe, scheduler), attnkit.attach(pipe, method):
-        out = pipe(prompt="", latents=z_t, num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
-                   **kwargs)
+        out = call_pipeline(pipe, z_t, "", steps, 1.0, call_kwargs)
     latents = output_latents(out)
     images = None
     if output_type != "latent":
@@ -205,8 +209,10 @@ def _is_latent(x: torch.Tensor) -> bool:
 
 
 def _initial_latent(mode: str, z_c, z_s, adain_fn):
+    """AdaIN of the inverted latents; Flux's packed ``[B, N, 4C]`` latents use the packed channels."""
     if mode == "none":
         return z_c
+    packed = z_c.dim() == 3
     if mode == "ldm":  # per channel over (B, H, W), unbiased std, no epsilon
-        return adain_fn(z_c, z_s, dims=(0, 2, 3))
-    return adain_fn(z_c, z_s, dims=(2, 3), eps=1e-4)  # the diffusers port: per sample over (H, W), std + 1e-4
+        return adain_fn(z_c, z_s, dims=(0, 1) if packed else (0, 2, 3))
+    return adain_fn(z_c, z_s, dims=(1,) if packed else (2, 3), eps=1e-4)  # the port: per sample over (H, W), +1e-4
