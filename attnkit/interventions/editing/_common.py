@@ -89,28 +89,63 @@ class CallInfo:
         return self.sample_of_rows(rows) // self.per_group
 
 
+class _LatentsSpy:
+    """Replaces a pipeline instance's ``prepare_latents`` to record how many latents the call denoises (every
+    diffusers pipeline prepares its latents through it, given or drawn); ``remove()`` restores the method."""
+
+    def __init__(self, pipe, tracker: "CallTracker"):
+        self.pipe, self.tracker = pipe, tracker
+        self.had_attr = "prepare_latents" in pipe.__dict__
+        self.previous = pipe.__dict__.get("prepare_latents")
+        self.original = getattr(pipe, "prepare_latents")
+        pipe.__dict__["prepare_latents"] = self
+
+    def __call__(self, *args, **kwargs):
+        out = self.original(*args, **kwargs)
+        latents = out[0] if isinstance(out, tuple) else out
+        if isinstance(latents, torch.Tensor):
+            self.tracker.latents_batch = int(latents.shape[0])
+        return out
+
+    def remove(self) -> None:
+        if self.pipe.__dict__.get("prepare_latents") is self:
+            if self.had_attr:
+                self.pipe.__dict__["prepare_latents"] = self.previous
+            else:
+                del self.pipe.__dict__["prepare_latents"]
+
+
 class CallTracker:
     """Forward pre-hooks on the denoisers that record a :class:`CallInfo` per denoiser call.
 
     The step comes from the pipeline's scheduler (the timestep's index in ``scheduler.timesteps``); a bare denoiser
-    counts calls modulo ``num_steps``. CFG: ``cfg`` when given, else the pipeline's ``do_classifier_free_guidance``
-    during its call, else off."""
+    counts calls modulo ``num_steps``. CFG groups: ``cfg`` when given, else the denoiser batch divided by the number
+    of latents the pipeline prepared (so PixArt/CogVideoX, which keep CFG in a local variable, and PAG's third
+    branch are seen), else the pipeline's ``do_classifier_free_guidance``, else none."""
 
     def __init__(self, owner: str, num_steps: int | None = None, cfg: bool | None = None):
         self.owner, self.num_steps, self.cfg = owner, num_steps, cfg
         self.info: CallInfo | None = None
         self.calls = 0
+        self.latents_batch: int | None = None
         self._pipe = None
         self.warn = WarnOnce()
 
     def install(self, handle) -> list:
         self._pipe = pipeline_of(handle.model)
-        self.calls, self.info = 0, None
-        return [handle.hook(d, self._pre, pre=True, with_kwargs=True) for d in denoisers_of(handle.model)]
+        self.calls, self.info, self.latents_batch = 0, None, None
+        hooks = [handle.hook(d, self._pre, pre=True, with_kwargs=True) for d in denoisers_of(handle.model)]
+        if self._pipe is not None and hasattr(self._pipe, "prepare_latents"):
+            hooks.append(_LatentsSpy(self._pipe, self))
+        return hooks
 
-    def _groups(self) -> int:
-        cfg = self.cfg
-        if cfg is None and self._pipe is not None:
+    def _groups(self, batch: int) -> int:
+        if self.cfg is not None:
+            return 2 if self.cfg else 1
+        if self.latents_batch and batch % self.latents_batch == 0:
+            return batch // self.latents_batch
+        cfg = None
+        if self._pipe is not None:
             try:
                 cfg = bool(self._pipe.do_classifier_free_guidance)
             except (AttributeError, TypeError):
@@ -130,7 +165,7 @@ class CallTracker:
         sample = args[0] if args and isinstance(args[0], torch.Tensor) else \
             kwargs.get("sample", kwargs.get("hidden_states"))
         batch = batch_size_of(args, kwargs) or 1
-        groups = self._groups()
+        groups = self._groups(batch)
         if batch % groups:
             groups = 1
         height = width = None
