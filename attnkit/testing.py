@@ -524,3 +524,32 @@ def tiny_pipeline(family: str = "sd", seed: int = 0):
         raise KeyError(f"unknown tiny pipeline family {family!r}; choose from {PIPELINE_FAMILIES}")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def latent_blind(pipe):
+    """Make ``pipe``'s denoiser ignore its latent input (replaced by a fixed random pattern of the same shape), so its
+    output depends on the timestep and the text only. Under this hook DDIM inversion is the exact inverse of the
+    sampler, which is how attnkit tests reconstruction without real weights. Returns the hook (``.remove()`` it).
+
+    Example:
+        >>> pipe = tiny_pipeline("sd")
+        >>> hook = latent_blind(pipe)
+        >>> t, text = torch.tensor(5), torch.zeros(1, 8, 32)
+        >>> a = pipe.unet(torch.zeros(1, 4, 8, 8), t, text).sample
+        >>> torch.equal(a, pipe.unet(torch.ones(1, 4, 8, 8), t, text).sample)
+        True
+        >>> hook.remove()
+    """
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None) or pipe
+
+    def fixed(x: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1234)
+        return torch.randn(tuple(x.shape[1:]), generator=g).to(x)[None].expand_as(x).contiguous()
+
+    def pre(module, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            return (fixed(args[0]),) + tuple(args[1:]), kwargs
+        key = "sample" if "sample" in kwargs else "hidden_states"
+        return args, {**kwargs, key: fixed(kwargs[key])}
+
+    return denoiser.register_forward_pre_hook(pre, with_kwargs=True)

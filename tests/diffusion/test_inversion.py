@@ -15,7 +15,7 @@ import torch
 
 from attnkit.diffusion.inversion import adain, ddim_invert, encode, reconstruct, relative_error
 from attnkit.diffusion.schedulers import InverseScheduler, TrimmedScheduler, swapped
-from attnkit.testing import PIPELINE_FAMILIES, tiny_pipeline
+from attnkit.testing import PIPELINE_FAMILIES, latent_blind, tiny_pipeline
 
 PIXELS = {"sd": (1, 3, 8, 8), "sd3": (1, 3, 16, 16), "flux": (1, 3, 16, 16), "pixart": (1, 3, 16, 16),
           "animatediff": (1, 4, 3, 8, 8), "cogvideox": (1, 9, 3, 16, 16)}
@@ -27,15 +27,9 @@ def _pixels(family, seed=0):
 
 
 def _latent_blind(pipe):
-    """Zero the denoiser's input projection: its output then depends on the timestep and text only."""
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    for name in ("conv_in", "pos_embed.proj", "x_embedder", "patch_embed.proj"):
-        module = dict(denoiser.named_modules()).get(name)
-        if module is not None:
-            with torch.no_grad():
-                module.weight.zero_()
-            return pipe
-    raise AssertionError(f"no input projection found in {type(denoiser).__name__}")
+    """The denoiser's output then depends on the timestep and text only (see attnkit.testing.latent_blind)."""
+    latent_blind(pipe)
+    return pipe
 
 
 def test_convention_a_and_b_by_hand():

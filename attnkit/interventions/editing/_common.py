@@ -244,17 +244,45 @@ def select_layers(description, layers=None, modules: str | None = None, default=
     return chosen
 
 
-def token_grid(info: CallInfo | None, n_tokens: int) -> tuple[int, int]:
-    """``(h, w)`` of an image-token grid with ``n_tokens`` tokens, from the call's latent aspect ratio."""
+def _grid(info: CallInfo | None, n_tokens: int) -> tuple[int, int] | None:
     if info is not None and info.height and info.width:
         factor = math.sqrt(info.height * info.width / n_tokens)
         h, w = round(info.height / factor), round(info.width / factor)
         if h * w == n_tokens:
             return h, w
     side = int(round(math.sqrt(n_tokens)))
-    if side * side != n_tokens:
-        raise ValueError(f"cannot lay {n_tokens} tokens out on a grid; pass the latent size")
-    return side, side
+    return (side, side) if side * side == n_tokens else None
+
+
+def token_layout(info: CallInfo | None, n_tokens: int) -> tuple[int, int, int]:
+    """``(frames, h, w)`` of ``n_tokens`` image tokens: one frame's grid (from the call's latent aspect ratio), or,
+    for a video transformer attending over every frame (CogVideoX), frames × grid (frame-major), trying the latent
+    frame count and its temporal patchings."""
+    grid = _grid(info, n_tokens)
+    if grid is not None:
+        return (1,) + grid
+    frames = info.frames if info is not None else 1
+    for f in dict.fromkeys((frames, math.ceil(frames / 2), math.ceil(frames / 4))):
+        if f > 1 and n_tokens % f == 0 and (grid := _grid(info, n_tokens // f)) is not None:
+            return (f,) + grid
+    raise ValueError(f"cannot lay {n_tokens} tokens out on a grid of this call's latent size")
+
+
+def token_grid(info: CallInfo | None, n_tokens: int) -> tuple[int, int]:
+    """``(h, w)`` of an image-token grid with ``n_tokens`` tokens (one frame), from the call's latent aspect ratio."""
+    frames, h, w = token_layout(info, n_tokens)
+    if frames != 1:
+        raise ValueError(f"{n_tokens} tokens span {frames} frames; use token_mask() for video tokens")
+    return h, w
+
+
+def token_mask(mask: torch.Tensor, info: CallInfo | None, n_tokens: int, mode: str = "nearest") -> torch.Tensor:
+    """A ``[h, w]`` mask on this call's ``n_tokens`` image tokens → ``[n_tokens]`` (repeated over the frames of a
+    video transformer's tokens)."""
+    from attnkit.diffusion.inject import resize_token_mask
+
+    frames, h, w = token_layout(info, n_tokens)
+    return resize_token_mask(mask, h, w, mode=mode)[0].repeat(frames)
 
 
 def resolve_source(source, ctx, tensor: str, names, x: torch.Tensor, info: CallInfo | None):

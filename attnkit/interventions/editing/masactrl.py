@@ -36,14 +36,14 @@ from dataclasses import dataclass
 
 import torch
 
-from attnkit.diffusion.inject import append_kv, region_bias, replace_kv, resize_token_mask
+from attnkit.diffusion.inject import append_kv, region_bias, replace_kv
 from attnkit.interventions.base import Intervention, register_intervention
 from attnkit.interventions.editing._common import (
     EditingIntervention,
     block_index_layers,
     check_steps,
     in_steps,
-    token_grid,
+    token_mask,
 )
 
 MODES = ("replace", "union")
@@ -126,8 +126,7 @@ class MasaCtrl(EditingIntervention, Intervention):
         q_image = ctx.query_mask("image")[0] if image_k is not None else torch.ones(q_len, dtype=torch.bool)
         own_image = image_k if image_k is not None else torch.ones(q_len, dtype=torch.bool)  # [K0]
         n_img = int(own_image.sum())
-        h, w = token_grid(self.call, n_img)
-        m_s, m_t = (resize_token_mask(m, h, w)[0].to(q.device) for m in self.masks)  # [n_img] each
+        m_s, m_t = (token_mask(m, self.call, n_img).to(q.device) for m in self.masks)  # [n_img] each
         q_region = torch.full((q_len,), 2.0, device=q.device)  # 2: a text query (sees every key)
         q_region[q_image.to(q.device)] = m_t
         own = torch.full((own_image.shape[0],), 2.0, device=q.device)  # 2: a text key (seen by every query)
