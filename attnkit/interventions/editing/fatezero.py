@@ -17,6 +17,9 @@ METHODS-2.md §5.4.
      columns summed, averaged over heads and layers, 3×3 max-pooled, nearest-upsampled to the layer's grid, divided by
      the frame's maximum and thresholded at ``blend_th`` (``[2, 2]``: ``M ≡ 0``).
 
+The default windows (cross 0.8, self ``[0, 0.5]``) are not verified against FateZero's shipped configs; the
+blend threshold ``[0.3, 0.3]`` is the configs' typical shape-edit value.
+
 Video: on AnimateDiff the spatial layers see one row per frame (the maps are per frame, as FateZero's); the temporal
 modules are left alone. Not implemented: the sparse-causal attention of FateZero's inflated SD model, the latent
 blending (``blend_latents``, "not so good" in the code's comments) and the Tune-A-Video checkpoints for shape edits.
