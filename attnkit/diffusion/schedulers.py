@@ -75,6 +75,8 @@ class _Wrapper:
         object.__setattr__(self, "base", base)
 
     def __getattr__(self, name):
+        if name == "base" or name.startswith("__"):
+            raise AttributeError(name)
         return getattr(self.base, name)
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, **kwargs):

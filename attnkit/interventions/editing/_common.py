@@ -107,6 +107,12 @@ class _LatentsSpy:
             self.tracker.latents_batch = int(latents.shape[0])
         return out
 
+    def __deepcopy__(self, memo):
+        """A deep copy of an attached pipeline gets its own stock ``prepare_latents`` (bound to the copy)."""
+        import copy
+
+        return copy.deepcopy(self.original, memo)
+
     def remove(self) -> None:
         if self.pipe.__dict__.get("prepare_latents") is self:
             if self.had_attr:
