@@ -32,10 +32,30 @@ import torch
 from attnkit.capture import Capture
 from attnkit.interventions.base import Intervention, mark_running, release_running
 from attnkit.planning import PlanError, plan
+from attnkit.report import Report
 
 
 class AttachError(ValueError):
     """A recipe that cannot be attached to this model (nothing was changed)."""
+
+
+class MaterialisedAttentionWarning(UserWarning):
+    """``backend="auto"`` had to run some layers on the eager backend, which materialises ``[B, H, Q, K]``."""
+
+
+def _warn_materialised(planned: list, requested: str) -> None:
+    """Say which interventions force the N² eager path on which layers (only when ``auto`` chose it)."""
+    if requested != "auto":
+        return
+    eager = [s for s in planned if s.backend is not None and s.backend.name == "eager"]
+    if not eager:
+        return
+    names = sorted({e.intervention.name for s in eager for e in s.entries})
+    layers = sorted({s.layer for s in eager})
+    warnings.warn(
+        f"attnkit: {', '.join(names)} run(s) on the eager backend on layers {layers}, which materialises the "
+        "[batch, heads, queries, keys] attention matrix (hooks such as edit_scores/edit_probs need it); expect "
+        "quadratic memory in the sequence length", MaterialisedAttentionWarning, stacklevel=4)
 
 
 def _as_interventions(recipe) -> tuple[list[Intervention], str | None, str]:
@@ -73,8 +93,9 @@ class Handle:
     Interventions reach the attachment through: :attr:`model`, :attr:`description`, :attr:`tracker`,
     :attr:`active`, :meth:`sites`, :meth:`capture` and :meth:`detached`."""
 
-    def __init__(self, adapter, interventions: list[Intervention], backend: str, name: str):
+    def __init__(self, adapter, interventions: list[Intervention], backend: str, name: str, recipe=None):
         self.adapter = adapter
+        self.recipe = recipe  # the Recipe it was attached from, when there was one
         self.interventions = interventions
         self.requested_backend = backend
         self.name = name
@@ -219,6 +240,34 @@ class Handle:
         if self.tracker is not None:
             self.tracker.clear_spans()
 
+    def save(self, directory) -> "Path":
+        """Write this handle's recipe as ``attnkit_recipe.yaml`` into ``directory`` (e.g. next to a checkpoint
+        written by ``save_pretrained``); ``attnkit.attach(model, directory)`` reads it back.
+
+        Example:
+            >>> import attnkit, tempfile
+            >>> from attnkit.testing import tiny_causal_lm
+            >>> from attnkit.interventions.noop import Noop
+            >>> model, folder = tiny_causal_lm("llama"), tempfile.mkdtemp()
+            >>> with attnkit.attach(model, [Noop(layers=[1])]) as handle:
+            ...     path = handle.save(folder)
+            >>> with attnkit.attach(model, folder) as again:
+            ...     [(iv.name, iv.target.layers) for iv in again.interventions]
+            [('noop', [1])]
+        """
+        from pathlib import Path
+
+        from attnkit.recipes.loader import SAVED_RECIPE
+        from attnkit.recipes.schema import Recipe
+
+        recipe = self.recipe or Recipe.from_interventions(self.interventions, name=self.name,
+                                                          backend=self.requested_backend)
+        folder = Path(directory).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / SAVED_RECIPE
+        path.write_text(recipe.to_yaml(), encoding="utf-8")
+        return path
+
     # ---- reporting ------------------------------------------------------------------------------------------
     def _intervention_calls(self) -> dict[int, int]:
         calls: dict[int, int] = {}
@@ -240,8 +289,9 @@ class Handle:
                     f"layers={iv.target.layers!r}); check that the model uses the attention implementation "
                     f"attnkit patched and that the targeted layers run.", RuntimeWarning, stacklevel=3)
 
-    def report(self) -> dict:
-        """Which modules were patched, with which backend, and how often each intervention ran."""
+    def report(self) -> Report:
+        """Which modules were patched, with which backend, and how often each intervention ran: a dict that
+        prints as a table (:class:`attnkit.report.Report`)."""
         modules = [
             {"module": s.qualname, "layer": s.layer, "component": s.component, "backend": s.backend.name,
              "interventions": [e.intervention.name for e in s.entries]}
@@ -249,8 +299,8 @@ class Handle:
         ]
         counts = self._intervention_calls()
         calls = {iv.name: counts.get(id(iv), 0) for iv in self.interventions}
-        return {"recipe": self.name, "adapter": self.adapter.framework, "enabled": self.enabled,
-                "removed": self.removed, "modules": modules, "calls": calls}
+        return Report({"recipe": self.name, "adapter": self.adapter.framework, "enabled": self.enabled,
+                       "removed": self.removed, "modules": modules, "calls": calls})
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else ("disabled" if not self.enabled else "active")
@@ -278,8 +328,10 @@ def _inert_hook(*args):
 
 
 def attach(model_or_pipeline, recipe: Any = (), backend: str = "auto") -> Handle:
-    """Attach a recipe (a :class:`~attnkit.recipes.Recipe`, a recipe name/path, an Intervention or a list of them)
-    to a transformers model or diffusers pipeline. Nothing is changed if anything about the recipe is invalid.
+    """Attach a recipe (a :class:`~attnkit.recipes.Recipe`, a preset name, a YAML path, a folder written by
+    :meth:`Handle.save`, an Intervention or a list of them) to a transformers model or diffusers pipeline.
+    Nothing is changed if anything about the recipe is invalid. One model takes one handle at a time: to run
+    several methods, attach one recipe listing them all (they stack in order).
 
     Example:
         >>> import attnkit
@@ -291,6 +343,16 @@ def attach(model_or_pipeline, recipe: Any = (), backend: str = "auto") -> Handle
         from attnkit.recipes import load_recipe
 
         recipe = load_recipe(recipe)
+    try:
+        return _attach(model_or_pipeline, recipe, backend)
+    except AttachError as err:
+        locate = getattr(recipe, "locate_error", None)  # a Recipe names the file, line and entry
+        if locate is None:
+            raise
+        raise AttachError(locate(str(err))) from None
+
+
+def _attach(model_or_pipeline, recipe, backend: str) -> Handle:
     interventions, recipe_backend, name = _as_interventions(recipe)
     for iv in interventions:
         owner = iv.attached_to()
@@ -314,12 +376,14 @@ def attach(model_or_pipeline, recipe: Any = (), backend: str = "auto") -> Handle
         planned = plan(adapter, interventions, requested)
     except PlanError as err:
         raise AttachError(str(err)) from None
-    handle = Handle(adapter, interventions, requested, name)
+    handle = Handle(adapter, interventions, requested, name,
+                    recipe=recipe if hasattr(recipe, "build_interventions") else None)
     try:
         handle._install(planned)
     except ValueError as err:
         raise AttachError(str(err)) from None
     mark_running(interventions, handle)
+    _warn_materialised(planned, requested)
     return handle
 
 

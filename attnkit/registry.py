@@ -42,6 +42,12 @@ class Registry:
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise KeyError(f"unknown {self.kind} {name!r}{hint} Known: {', '.join(sorted(self._items)) or '(none)'}")
 
+    def unregister(self, name: str) -> Any:
+        """Remove ``name`` and return what it named (e.g. a plug-in unloaded in a test); KeyError if unknown."""
+        if name not in self._items:
+            raise KeyError(f"unknown {self.kind} {name!r}")
+        return self._items.pop(name)
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

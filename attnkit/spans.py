@@ -236,9 +236,12 @@ class _ProviderRegistration:
 
 
 # ---- building user spans from text ---------------------------------------------------------------------------
-def substring_spans(tokenizer, texts: Sequence[str], substrings: Sequence[str | None], **encode_kwargs):
+def substring_spans(tokenizer, texts: Sequence[str], substrings: Sequence[str | None], *,
+                    start_chars: Sequence[int] | None = None, **encode_kwargs):
     """Token ranges covering ``substrings[b]`` inside ``texts[b]``, in the coordinates of
     ``tokenizer(texts, padding=True, **encode_kwargs)`` (so left padding is accounted for). Needs a fast tokenizer.
+    The first occurrence at or after character ``start_chars[b]`` (default 0) is taken, e.g. the user's message
+    rather than an identical phrase in a chat template's system prompt.
 
     Returns ``(batch_encoding, ranges)`` with ``ranges[b] = [(start, end)]`` (empty when ``substrings[b]`` is None).
 
@@ -252,7 +255,7 @@ def substring_spans(tokenizer, texts: Sequence[str], substrings: Sequence[str | 
         if sub is None:
             ranges.append([])
             continue
-        start_char = text.find(sub)
+        start_char = text.find(sub, start_chars[b] if start_chars is not None else 0)
         if start_char < 0:
             raise SpanError(f"substring {sub!r} not found in text {b}: {text[:80]!r}")
         end_char = start_char + len(sub)

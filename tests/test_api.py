@@ -177,3 +177,56 @@ def test_vlm_attach_reaches_text_and_vision_stacks_and_restores_them():
             during = model(**inputs).logits
         assert cap.last(0).shape[-1] == cap.last(0).shape[-2] or cap.last(0).shape[-2] == 1
         assert torch.allclose(during, stock, atol=1e-5) and torch.equal(model(**inputs).logits, stock)
+
+
+def test_auto_warns_when_a_layer_needs_the_materialised_matrix():
+    from attnkit.interventions.steering.cmai import CMAI
+
+    model = tiny_vlm("llava")
+    with pytest.warns(attnkit.MaterialisedAttentionWarning, match=r"cmai .*eager backend on layers \[1\]"):
+        attnkit.attach(model, [CMAI(layers=[1])]).remove()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnkit.MaterialisedAttentionWarning)
+        attnkit.attach(model, [Halve()]).remove()  # fused: no warning
+        attnkit.attach(model, [CMAI(layers=[1])], backend="eager").remove()  # asked for: no warning
+
+
+def test_save_writes_the_recipe_next_to_a_checkpoint_and_attach_reads_it_back(tmp_path):
+    from attnkit.interventions.steering.pasta import Pasta
+
+    model = tiny_causal_lm("llama")
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        with attnkit.attach(model, [Pasta(alpha=0.1, layers=[1], heads=[0, 2]),
+                                    Noop(layers=[0], hooks=("query_scale",))]) as handle:
+            handle.set_span("emphasis", [[(1, 3)]])
+            want = model(ids).logits
+            path = handle.save(tmp_path / "checkpoint")
+        assert path.name == "attnkit_recipe.yaml"
+        with attnkit.attach(model, str(tmp_path / "checkpoint")) as again:
+            again.set_span("emphasis", [[(1, 3)]])
+            assert [iv.name for iv in again.interventions] == ["pasta", "noop"]
+            assert again.interventions[1].config() == {"layers": [0], "hooks": ["query_scale"]}
+            got = model(ids).logits
+    assert torch.equal(got, want)
+    with attnkit.attach(tiny_causal_lm("llama", num_hidden_layers=4), "act-llama") as handle:  # a preset
+        text = handle.save(tmp_path / "preset").read_text()
+    assert "name: act-llama" in text and "method: act" in text  # the recipe itself is written
+
+
+def test_save_refuses_values_without_a_yaml_form(tmp_path):
+    from attnkit.interventions.steering.pasta import Pasta
+
+    model = tiny_causal_lm("llama")
+    with attnkit.attach(model, [Pasta(alpha=torch.tensor(0.1))]) as handle:
+        with pytest.raises(attnkit.RecipeError, match=r"interventions\[0\] \(pasta\).*no YAML form"):
+            handle.save(tmp_path)
+
+
+def test_a_second_recipe_on_one_model_is_refused_with_how_to_compose():
+    model = tiny_causal_lm("llama")
+    with attnkit.attach(model, "noop"):
+        with pytest.raises(attnkit.AttachError, match="attach one recipe holding all interventions"):
+            attnkit.attach(model, "head-temperature")

@@ -200,3 +200,42 @@ def test_half_precision_noop_and_reweighting(dtype):
     assert (noop - stock)[real].abs().max() == 0  # the fused path is the stock SDPA call
     assert out["torch"].dtype == dtype and torch.isfinite(out["torch"]).all()
     torch.testing.assert_close(out["torch"].float()[real], out["eager"].float()[real], atol=3e-2, rtol=3e-2)
+
+
+class CountingSinkDamp(attnkit.Intervention):
+    """Halves the first key's mass with a group reweighting and counts its hook calls."""
+
+    name = "test-capture-counting-damp"
+
+    def __init__(self, **target):
+        super().__init__(**target)
+        self.calls = 0
+
+    def key_groups(self):
+        return ("first",)
+
+    def group_factors(self, mass, ctx):
+        self.calls += 1
+        return torch.tensor([1.0, 0.5], device=mass.device).expand_as(mass)
+
+
+@pytest.mark.parametrize("backend", ["torch", "eager"])
+def test_captures_come_from_the_computation_and_hooks_run_once(backend):
+    """A capture must show what the backend that produced the output did, without running the hooks again."""
+    model = tiny_causal_lm("llama")
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [1, 9, 5, 6, 7, 8]])
+    mask = (ids != 0).long()
+    damp = CountingSinkDamp(layers=[1])
+    with torch.no_grad(), attnkit.attach(model, [damp], backend=backend) as handle:
+        model(input_ids=ids, attention_mask=mask)
+        calls_without_capture = damp.calls
+        with handle.capture(layers=[1], queries="all") as cap:
+            model(input_ids=ids, attention_mask=mask)
+        assert [m["backend"] for m in handle.report()["modules"]] == [backend]
+    assert damp.calls == 2 * calls_without_capture  # one call per layer call, with or without a capture
+    with torch.no_grad(), attnkit.attach(model, [CountingSinkDamp(layers=[1])], backend="eager") as handle, \
+            handle.capture(layers=[1], queries="all") as reference:
+        model(input_ids=ids, attention_mask=mask)
+    got, want = cap.last(1), reference.last(1)  # [B, H, Q, K]
+    real = mask.bool()[:, None, :, None] & mask.bool()[:, None, None, :]
+    torch.testing.assert_close(got * real, want * real, atol=1e-5, rtol=1e-4)

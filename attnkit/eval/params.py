@@ -16,12 +16,12 @@ Example:
 from __future__ import annotations
 
 import difflib
-import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from attnkit.eval.errors import EvalError
+from attnkit.recipes.schema import type_ok
 
 
 @dataclass(frozen=True)
@@ -53,31 +53,6 @@ def type_name(hint) -> str:
         args = typing.get_args(hint)
         return f"a list of {type_name(args[0])}" if args else "a list"
     return getattr(hint, "__name__", str(hint)).replace("typing.", "")
-
-
-def type_ok(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (as read from YAML) fits ``hint``; ints are accepted where floats are expected."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if origin is typing.Union or type(hint).__name__ == "UnionType":
-        return any(type_ok(value, h) for h in typing.get_args(hint))
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-    if origin in (list, tuple) or hint in (list, tuple):
-        args = typing.get_args(hint)
-        return isinstance(value, (list, tuple)) and (not args or all(type_ok(v, args[0]) for v in value))
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    return isinstance(value, hint) if isinstance(hint, type) else True
 
 
 def _where(source: str, lines: Mapping, key: str) -> str:

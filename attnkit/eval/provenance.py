@@ -36,6 +36,10 @@ def versions() -> dict:
         import attnkit
 
         out["attnkit"] = getattr(attnkit, "__version__", None)
+    if out["torch"] is not None:  # the build matters too (CPU, CUDA 12.6, …): torch reports it, its metadata not
+        import torch
+
+        out["torch"] = torch.__version__
     out["python"] = platform.python_version()
     return out
 

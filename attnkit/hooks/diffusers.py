@@ -15,7 +15,6 @@ and ``extra["temporal_layers"]`` (their layer indices). Every context carries th
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from attnkit.description import Component, ModelDescription
-from attnkit.hooks.runtime import Site, attend
+from attnkit.hooks.runtime import Adapter, Site, attend
 from attnkit.interventions.base import AttentionContext
 
 DENOISER_NAMES = ("unet", "transformer", "prior", "decoder")
@@ -201,7 +200,7 @@ def _timestep_of(args, kwargs) -> float | None:
     return None if t is None else float(t)
 
 
-class DiffusersAdapter:
+class DiffusersAdapter(Adapter):
     """Installs one handle's plans on a diffusers pipeline or model, counts its denoising steps and runs its
     attention calls."""
 
@@ -252,24 +251,6 @@ class DiffusersAdapter:
         inert = type(self).__new__(type(self))
         inert.handle, inert._detached, inert.sites, inert.captures, inert.description = None, 0, [], [], None
         return inert
-
-    def describe_owner(self) -> str:
-        handle = self.handle
-        return f"handle {handle.name!r} on {type(self.model).__name__}" if handle is not None else "no handle"
-
-    @contextlib.contextmanager
-    def detached(self):
-        """Calls inside run the stock processors and do not count as denoising steps."""
-        self._detached += 1
-        try:
-            yield
-        finally:
-            self._detached -= 1
-
-    def routes(self, site: Site) -> bool:
-        handle = self.handle
-        return (handle is not None and handle.active and not self._detached
-                and (bool(site.entries) or any(c.wants(site.layer, site.component) for c in self.captures)))
 
     def _pre_denoiser(self, module, args, kwargs):
         if self._detached or self.handle is None:

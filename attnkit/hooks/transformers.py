@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import weakref
@@ -30,7 +29,7 @@ import torch
 
 from attnkit.description import Component, ModelDescription
 from attnkit.hooks import compat
-from attnkit.hooks.runtime import Site, attend
+from attnkit.hooks.runtime import Adapter, Site, attend
 from attnkit.interventions.base import AttentionContext
 from attnkit.spans import SequenceTracker
 
@@ -215,7 +214,7 @@ def claim(modules, adapter) -> None:
 
 
 # ---- one attachment -------------------------------------------------------------------------------------------------
-class TransformersAdapter:
+class TransformersAdapter(Adapter):
     """Installs one handle's plans on a transformers model, tracks its sequences and runs its attention calls."""
 
     framework = "transformers"
@@ -275,10 +274,6 @@ class TransformersAdapter:
         self._swapped.clear()
         self.handle = None
 
-    def describe_owner(self) -> str:
-        handle = self.handle
-        return f"handle {handle.name!r} on {type(self.model).__name__}" if handle is not None else "no handle"
-
     def __deepcopy__(self, memo):
         """A deep copy of an attached model gets inert tracking hooks (and its modules fall through to stock)."""
         inert = type(self).__new__(type(self))
@@ -287,15 +282,6 @@ class TransformersAdapter:
         return inert
 
     # ---- tracking -------------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def detached(self):
-        """Calls inside run the stock model and are not tracked (e.g. a method's own extra branch)."""
-        self._detached += 1
-        try:
-            yield
-        finally:
-            self._detached -= 1
-
     def _observe(self, module, args, kwargs) -> None:
         bound = _bind(module, args, kwargs)
         ids, embeds = bound.get("input_ids"), bound.get("inputs_embeds")
@@ -307,7 +293,9 @@ class TransformersAdapter:
             return
         tracked = self.tracker.length if self.tracker.batch == batch else None
         past = compat.past_length(bound, new_len, tracked)
-        self.tracker.observe(ids, bound.get("attention_mask"), past, batch, new_len)
+        mask = bound.get("attention_mask")  # a decoder may get a dict of prebuilt masks: only a 2-D one is read
+        self.tracker.observe(ids, mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None, past,
+                             batch, new_len)
 
     def _pre_outer(self, module, args, kwargs):
         if self._detached or self.handle is None:
@@ -327,17 +315,13 @@ class TransformersAdapter:
 
     def _post_outer(self, module, args, kwargs, output):
         """Runs also when the forward raised (``always_call``)."""
+        if self._detached:  # the end of a nested detached call says nothing about the tracked one around it
+            return
         self._observed_by_outer = False
         if self.handle is not None and not self._detached and output is not None:
             self.handle._warn_idle(self._calls_at_start)
 
     # ---- running a site ---------------------------------------------------------------------------------------------
-    def routes(self, site: Site) -> bool:
-        """Whether this call of ``site`` goes through attnkit (a plan or a capture) rather than the stock function."""
-        handle = self.handle
-        return (handle is not None and handle.active and not self._detached
-                and (bool(site.entries) or any(c.wants(site.layer, site.component) for c in self.captures)))
-
     def make_context(self, site: Site, entry, q_len, k_len, batch, device, causal, window, rows=None,
                      value=None) -> AttentionContext:
         tracker = self.tracker

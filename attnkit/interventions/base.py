@@ -204,6 +204,17 @@ class Intervention:
         self.target = Target(layers=layers, heads=heads, modules=modules)
         self.component = component
 
+    def __init_subclass__(cls, **kwargs):
+        """Record the arguments each instance was built with (:meth:`config`), whatever its ``__init__``."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_init(cls.__dict__["__init__"])
+
+    def config(self) -> dict:
+        """The arguments this instance was built with (its subclass's constructor parameters, targets included):
+        ``type(self)(**iv.config())`` builds an equal intervention, and recipes are saved from it."""
+        return dict(self.__dict__.get("_init_arguments", {}))
+
     # ---- introspection ----------------------------------------------------------------------------------
     def capabilities(self) -> set[str]:
         """The hooks this intervention overrides (what a backend must support)."""
@@ -269,6 +280,29 @@ def _fit_keys(mask: torch.Tensor, k_len: int) -> torch.Tensor:
     if mask.shape[-1] >= k_len:
         return mask[..., :k_len]
     return torch.nn.functional.pad(mask, (0, k_len - mask.shape[-1]), value=False)
+
+
+def _recording_init(init):
+    """Wrap a subclass ``__init__`` so that the outermost call stores its bound arguments on the instance."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        if "_init_arguments" not in self.__dict__:
+            bound = signature.bind(self, *args, **kwargs)
+            arguments = {}
+            for name, value in list(bound.arguments.items())[1:]:
+                if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                    arguments.update(value)
+                else:
+                    arguments[name] = value
+            self.__dict__["_init_arguments"] = arguments
+        init(self, *args, **kwargs)
+
+    return __init__
 
 
 def key_group_ids(ctx: AttentionContext, names: tuple) -> torch.Tensor:

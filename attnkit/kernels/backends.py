@@ -95,9 +95,13 @@ class Backend:
     def attention(self) -> Callable:
         return _resolve(self.function)
 
-    def run(self, *args, **kwargs):
-        result = self.attention(*args, **kwargs, **dict(self.kwargs))
-        return result[0] if self.returns_probs else result
+    def run(self, *args, rows=None, **kwargs):
+        """The attention output ``[B,H,Q,D]``; with ``rows`` (query indices) also the edited probabilities of
+        those rows ``[B,H,R,K]``, taken from the same computation: ``(out, probs)``."""
+        if rows is None:
+            result = self.attention(*args, **kwargs, **dict(self.kwargs))
+            return result[0] if self.returns_probs else result
+        return self.attention(*args, rows=rows, **kwargs, **dict(self.kwargs))
 
 
 def _triton_unavailable(device_type: str) -> str | None:

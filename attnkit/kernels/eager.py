@@ -123,8 +123,10 @@ def eager_probs(q, k, mask, *, scaling, entries, make_ctx, causal, softcap=None)
     return prob_stage(probs, entries, make_ctx)
 
 
-def eager_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, softcap=None, dropout=0.0):
-    """Reference attention with edits. Returns ``(out [B,H,Q,D], probs [B,H,Q,K])``."""
+def eager_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, softcap=None, dropout=0.0,
+                    rows: torch.Tensor | None = None):
+    """Reference attention with edits. Returns ``(out [B,H,Q,D], probs [B,H,Q,K])`` (``rows``: the probabilities
+    of those query rows only, ``[B,H,R,K]``)."""
     make_ctx = attach_mask(make_ctx, KeyMask.build(q.shape[2], k.shape[2], mask=mask, causal=causal,
                                                    recognise_structure=False))
     probs = eager_probs(q, k, mask, scaling=scaling, entries=entries, make_ctx=make_ctx, causal=causal, softcap=softcap)
@@ -132,4 +134,4 @@ def eager_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, s
         probs = torch.nn.functional.dropout(probs, p=dropout)
     v = repeat_kv(v, q.shape[1])  # [B, H, K, D]
     out = torch.matmul(probs.to(v.dtype), v)  # [B, H, Q, D]
-    return output_stage(out, entries, make_ctx), probs
+    return output_stage(out, entries, make_ctx), (probs if rows is None else probs[:, :, rows])

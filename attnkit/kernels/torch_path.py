@@ -17,17 +17,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnkit.kernels.eager import output_stage, real_queries
+from attnkit.kernels.eager import output_stage, real_queries, repeat_kv, reweight_groups
 from attnkit.kernels.grouped import combine_groups, group_mass, group_partials, masked_attention
-from attnkit.kernels.masks import KeyMask, attach_mask, causal_allowed
+from attnkit.kernels.masks import KeyMask, allowed_mask, attach_mask, causal_allowed
 from attnkit.kernels.plan import query_factors, restrict_bias, select_heads
 from attnkit.kernels.stats import key_mass
 
 
 def sdpa(q, k, v, mask, *, scaling, causal) -> torch.Tensor:
-    """Plain attention with transformers' mask conventions. q [B,H,Q,D], k/v [B,Hkv,K,D] → [B,H,Q,D]."""
+    """Plain attention with transformers' mask conventions. q [B,H,Q,D], k/v [B,Hkv,K,D] → [B,H,Q,D].
+
+    GQA as transformers' own SDPA function does it (``enable_gqa`` without a mask, repeated K/V with one), so an
+    edit that changes nothing reproduces the stock model bit for bit on every torch version."""
     q_len, k_len = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if gqa and mask is not None:
+        k, v, gqa = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1]), False
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
     is_causal = causal and mask is None and q_len > 1
@@ -46,11 +51,13 @@ def _window_hint(entries, make_ctx) -> int | None:
 
 
 def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, softcap=None, dropout=0.0,
-                    kernel: str = "torch"):
+                    kernel: str = "torch", rows: torch.Tensor | None = None):
     """Attention with query_scale / score_bias / group_factors / key_stats / edit_output edits under the model's
     ``mask`` (None, bool ``[B,1,Q,K]`` True = attend, or additive float). Returns out [B,H,Q,D].
 
-    ``kernel`` selects the group-partials and key-statistics implementation ("torch" or "triton")."""
+    ``kernel`` selects the group-partials and key-statistics implementation ("torch" or "triton"). With ``rows``
+    (query indices ``[R]``) it returns ``(out, probs [B,H,R,K])``: the edited probabilities of those rows, from the
+    same scaled queries, biases and group factors that produced ``out`` (no hook runs twice)."""
     if softcap is not None:
         raise ValueError("the torch backend does not support logit softcapping; use backend='eager'")
     keys = KeyMask.build(q.shape[2], k.shape[2], mask=mask, causal=causal,
@@ -75,16 +82,46 @@ def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, s
             col = key_mass(q, k, scale=scaling, mask=keys, query_select=real_queries(ctx), backend=kernel)  # [B,H,K]
             entry.intervention.key_stats(col, ctx)
     grouped = [e for e in entries if "group_factors" in e.intervention.capabilities()]
+    applied: list = []
     if grouped:
-        out = grouped_attention(q, k, v, keys, grouped, scaling=scaling, make_ctx=make_ctx, kernel=kernel)
+        out = grouped_attention(q, k, v, keys, grouped, scaling=scaling, make_ctx=make_ctx, kernel=kernel,
+                                applied=applied)
     elif bias is not None:
         out = masked_attention(q, k, v, keys, bias, scale=scaling)  # [B, H, Q, D], query-chunked
     else:
         out = sdpa(q, k, v, mask, scaling=scaling, causal=causal)  # [B, H, Q, D]
-    return output_stage(out, entries, make_ctx)
+    out = output_stage(out, entries, make_ctx)
+    if rows is None:
+        return out
+    return out, row_probs(q, k, mask, rows, scaling=scaling, causal=causal, bias=bias, applied=applied)
 
 
-def grouped_attention(q, k, v, keys: KeyMask, grouped_entries, *, scaling, make_ctx, kernel="torch") -> torch.Tensor:
+def row_probs(q, k, mask, rows, *, scaling, causal, bias=None, applied=()) -> torch.Tensor:
+    """Edited probabilities ``[B,H,R,K]`` (fp32) of the query rows ``rows [R]``: scores of the (already scaled)
+    queries, plus ``bias``, under the model's ``mask``, softmax, then each group reweighting in ``applied``
+    (``(heads, group_ids, factors [B,H,Q,G])`` as :func:`grouped_attention` used them). O(R·K) memory."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    k = repeat_kv(k, q.shape[1])  # [B, H, K, D]
+    scores = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)) * scaling  # [B, H, R, K]
+    if bias is not None:
+        scores = scores + (bias[..., rows, :] if bias.shape[-2] == q_len else bias).float()
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores + (mask[..., rows, :] if mask.shape[-2] == q_len else mask).float()
+    else:
+        allowed = allowed_mask(mask, q_len, k_len, causal, q.device)  # [B|1, 1, Q, K] or None
+        if allowed is not None:
+            scores = scores.masked_fill(~(allowed[..., rows, :] if allowed.shape[-2] == q_len else allowed),
+                                        float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # [B, H, R, K]; rows with no allowed key → 0
+    for heads, group_ids, factors in applied:
+        picked = factors[:, :, rows] if factors.shape[2] == q_len else factors  # [B, H, R, G]
+        edited = reweight_groups(probs, group_ids, lambda mass: picked, torch.ones_like(heads), picked.shape[-1])
+        probs = select_heads(edited, probs, heads)
+    return probs
+
+
+def grouped_attention(q, k, v, keys: KeyMask, grouped_entries, *, scaling, make_ctx, kernel="torch",
+                      applied: list | None = None) -> torch.Tensor:
     """Post-softmax group reweighting without the ``[Q, K]`` matrix: per-group partials (O_g, log Z_g) under the
     mask ``keys``, the intervention's factors from the group masses, then ``Σ_g M_g c_g O_g / Σ_g M_g c_g``. Heads
     outside every entry's targets get plain attention. q [B,H,Q,D], k/v [B,Hkv,K,D] → [B,H,Q,D]."""
@@ -100,6 +137,8 @@ def grouped_attention(q, k, v, keys: KeyMask, grouped_entries, *, scaling, make_
         mass = torch.nn.functional.pad(group_mass(lse_g), (0, num_groups - present))  # [B,H,Q,G]
         factors = iv.group_factors(mass, ctx).float()[..., :present]  # [B,H,Q,G_present]
         factors = select_heads(factors, torch.ones_like(factors), heads)
+        if applied is not None:  # what captures need to reproduce these rows' edited probabilities
+            applied.append((heads, groups, factors))
         edited = combine_groups(out_g, lse_g, factors, dtype=q.dtype)  # [B,H,Q,D]
         out = edited if out is None else select_heads(edited, out, heads)
     return out

@@ -5,6 +5,7 @@ Format (YAML, read with ``yaml.safe_load`` semantics only)::
     name: act-llama              # required, str
     version: 1                   # required, int or str
     description: ...             # optional, str
+    tuned_for: llama-2-7b        # optional, str: the model whose paper/code values the parameters are
     backend: auto                # optional: auto | eager | torch | triton (default auto)
     targets:                     # optional named targets, referenced by `target:` below
       late: {layers: "2-30"}
@@ -18,7 +19,9 @@ Format (YAML, read with ``yaml.safe_load`` semantics only)::
         target: late             # optional: use a named target instead of layers/heads/modules
         params: {beta: 0.4}      # keyword arguments of the intervention's constructor
 
-Unknown keys, wrong types, unknown methods and unknown parameters are errors ("did you mean …?").
+Unknown keys, wrong types, unknown methods and unknown parameters are errors ("did you mean …?"); so are non-finite
+numbers (``.inf``, ``.nan``) anywhere in ``params``, integers beyond 64 bits, layer strings that are not ranges and
+``modules`` patterns that are not valid regular expressions.
 Two entries of the same method, or two interventions declaring the same ``exclusive`` slot (e.g. two KV-cache
 policies), are conflicts; the core additionally rejects two group reweightings on the same heads at attach time.
 
@@ -37,6 +40,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +49,7 @@ from typing import Any
 
 from attnkit.kernels.backends import REQUESTABLE as BACKENDS  # the one list of backends
 
-TOP_KEYS = ("name", "version", "description", "backend", "targets", "interventions")
+TOP_KEYS = ("name", "version", "description", "tuned_for", "backend", "targets", "interventions")
 ENTRY_KEYS = ("method", "layers", "heads", "modules", "component", "target", "params")
 TARGET_KEYS = ("layers", "heads", "modules", "component")
 SCORES_KEYS = ("scores", "top_k", "threshold", "per_layer")
@@ -53,6 +58,10 @@ TARGET_KWARGS = ("layers", "heads", "modules", "component")
 
 class RecipeError(ValueError):
     """An invalid recipe; the message names the file, the line (when known) and the field."""
+
+
+INT_LIMIT = 2**63  # integers in a recipe must fit a signed 64-bit tensor element
+_LAYER_STRING = re.compile(r"\s*-?\d{1,9}\s*(?:[-:]\s*-?\d{1,9}\s*)?")
 
 
 def _did_you_mean(word: str, options) -> str:
@@ -85,12 +94,19 @@ class _Where:
 
 
 # ---- type checking of params against constructor signatures --------------------------------------------------
-def _type_ok(value: Any, hint: Any) -> bool:
+def type_ok(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as read from YAML) fits the type hint ``hint``; ints are accepted where floats are
+    expected, NaN is not a float here. Shared by recipes and eval task files.
+
+    Example:
+        >>> type_ok(3, float), type_ok(True, int), type_ok([1, 2], list[int]), type_ok("x", int | None)
+        (True, False, True, False)
+    """
     if hint is Any or hint is inspect.Parameter.empty:
         return True
     origin = typing.get_origin(hint)
     if origin is typing.Union or type(hint).__name__ == "UnionType":
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
+        return any(type_ok(value, h) for h in typing.get_args(hint))
     if origin is typing.Literal:
         return value in typing.get_args(hint)
     if hint is type(None):
@@ -100,14 +116,14 @@ def _type_ok(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
     if hint is str:
         return isinstance(value, str)
     if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return False
         args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        return not args or all(any(_type_ok(v, a) for a in args) for v in value)
+        return not args or all(any(type_ok(v, a) for a in args) for v in value)
     if origin is dict or hint is dict:
         return isinstance(value, dict)
     if isinstance(hint, type):
@@ -152,6 +168,30 @@ def constructor_params(cls) -> dict[str, tuple[Any, Any]]:
     return out
 
 
+def _first_bad_number(value, path: tuple = ()) -> tuple[tuple, Any] | None:
+    """``(sub-path, value)`` of the first non-finite float or out-of-range int inside ``value``, else None.
+
+    Example:
+        >>> _first_bad_number({"a": [1.0, float("inf")]})
+        (('a', 1), inf)
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, value
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= INT_LIMIT:
+        return path, value
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for k, v in items:
+        found = _first_bad_number(v, path + (k,))
+        if found is not None:
+            return found
+    return None
+
+
 def check_params(cls, params: dict, where: _Where, path: tuple) -> None:
     """Raise for unknown, missing or mistyped constructor parameters of ``cls``."""
     spec = constructor_params(cls)
@@ -163,7 +203,12 @@ def check_params(cls, params: dict, where: _Where, path: tuple) -> None:
             raise where.error(path + (key,), f"unknown parameter {key!r} for method {cls.name!r}"
                               f"{_did_you_mean(key, spec)} (parameters: {allowed})")
         hint, _ = spec[key]
-        if not _type_ok(value, hint):
+        bad = _first_bad_number(value)
+        if bad is not None:
+            sub, number = bad
+            why = "expected a finite number" if isinstance(number, float) else "expected an integer below 2**63"
+            raise where.error(path + (key,) + sub, f"{why}, got {number!r}")
+        if not type_ok(value, hint):
             raise where.error(path + (key,), f"expected {_hint_name(hint)}, got {type(value).__name__} {value!r}")
     missing = [k for k, (_, d) in spec.items() if d is inspect.Parameter.empty and k not in params]
     if missing:
@@ -176,20 +221,22 @@ def _check_layers(value, where: _Where, path: tuple) -> None:
     if value is None or value == "all":
         return
     for i, item in enumerate(items):
-        ok = (isinstance(item, int) and not isinstance(item, bool)) or isinstance(item, str)
+        sub = path + (i,) if isinstance(value, list) else path
+        ok = (isinstance(item, int) and not isinstance(item, bool) and abs(item) < INT_LIMIT) or (
+            isinstance(item, str) and _LAYER_STRING.fullmatch(item) is not None)
         if not ok:
-            sub = path + (i,) if isinstance(value, list) else path
-            raise where.error(sub, f"expected a layer index or a range string like '2-5', got {item!r}")
+            raise where.error(sub, f"expected a layer index or a range string like '2-5' (inclusive) or '2:6' (end "
+                                   f"excluded), got {item!r}")
 
 
 def _check_heads(value, where: _Where, path: tuple, base_dir: Path | None) -> None:
     if value is None or value == "all":
         return
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < INT_LIMIT:
         return
     if isinstance(value, list):
         for i, h in enumerate(value):
-            if isinstance(h, bool) or not isinstance(h, int):
+            if isinstance(h, bool) or not isinstance(h, int) or abs(h) >= INT_LIMIT:
                 raise where.error(path + (i,), f"expected a head index (int), got {h!r}")
         return
     if isinstance(value, dict) and "scores" in value:
@@ -204,7 +251,8 @@ def _check_heads(value, where: _Where, path: tuple, base_dir: Path | None) -> No
         if "top_k" in value and (isinstance(value["top_k"], bool) or not isinstance(value["top_k"], int)
                                  or value["top_k"] < 1):
             raise where.error(path + ("top_k",), f"expected a positive int, got {value['top_k']!r}")
-        if "threshold" in value and not _type_ok(value["threshold"], float):
+        if "threshold" in value and (not type_ok(value["threshold"], float)
+                                     or not math.isfinite(value["threshold"])):
             raise where.error(path + ("threshold",), f"expected a number, got {value['threshold']!r}")
         if "per_layer" in value and not isinstance(value["per_layer"], bool):
             raise where.error(path + ("per_layer",), f"expected true/false, got {value['per_layer']!r}")
@@ -215,7 +263,7 @@ def _check_heads(value, where: _Where, path: tuple, base_dir: Path | None) -> No
         return
     if isinstance(value, dict):
         for layer, hs in value.items():
-            if isinstance(layer, bool) or not isinstance(layer, int):
+            if isinstance(layer, bool) or not isinstance(layer, int) or abs(layer) >= INT_LIMIT:
                 raise where.error(path + (layer,), f"head map keys must be layer indices (int), got {layer!r}")
             _check_heads(hs, where, path + (layer,), base_dir)
             if isinstance(hs, dict) or hs is None:
@@ -276,6 +324,7 @@ class Recipe:
     targets: dict = field(default_factory=dict)
     source: str = "<dict>"
     lines: dict = field(default_factory=dict, repr=False, compare=False)
+    tuned_for: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<dict>", lines: dict | None = None) -> "Recipe":
@@ -298,6 +347,9 @@ class Recipe:
             raise where.error(("version",), f"expected an int or a string, got {data['version']!r}")
         if not isinstance(data.get("description", ""), str):
             raise where.error(("description",), "expected a string")
+        tuned_for = data.get("tuned_for")
+        if tuned_for is not None and (not isinstance(tuned_for, str) or not tuned_for.strip()):
+            raise where.error(("tuned_for",), f"expected the name of a model (e.g. llava-1.5-7b), got {tuned_for!r}")
         backend = data.get("backend", "auto")
         if backend not in BACKENDS:
             raise where.error(("backend",), f"unknown backend {backend!r}{_did_you_mean(backend, BACKENDS)} "
@@ -311,7 +363,7 @@ class Recipe:
         if not isinstance(entries, list):
             raise where.error(("interventions",), f"expected a list of interventions, got {type(entries).__name__}")
         recipe = cls(data["name"], data["version"], [dict(e) if isinstance(e, dict) else e for e in entries],
-                     backend, data.get("description", ""), dict(targets), source, dict(lines or {}))
+                     backend, data.get("description", ""), dict(targets), source, dict(lines or {}), tuned_for)
         recipe._validate_entries(where, base_dir)
         return recipe
 
@@ -330,9 +382,15 @@ class Recipe:
         for key in ("modules", "component"):
             if spec.get(key) is not None and not isinstance(spec[key], str):
                 raise where.error(path + (key,), f"expected a string, got {spec[key]!r}")
+        if spec.get("modules") is not None:
+            try:
+                re.compile(spec["modules"])
+            except re.error as err:
+                raise where.error(path + ("modules",), f"{spec['modules']!r} is not a valid regular expression "
+                                                       f"({err}); escape special characters such as '.' or '['") from None
 
     def _validate_entries(self, where: _Where, base_dir: Path | None) -> None:
-        from attnkit.interventions import INTERVENTIONS, load_builtin
+        from attnkit.interventions import INTERVENTIONS, load_builtin, load_plugins
 
         load_builtin()
         seen: dict[str, int] = {}
@@ -343,6 +401,8 @@ class Recipe:
             method = entry.get("method")
             if not isinstance(method, str):
                 raise where.error(path, "missing required field 'method' (a registered intervention name)")
+            if method not in INTERVENTIONS:
+                load_plugins()  # a package that declares it may have been installed since the first look
             if method not in INTERVENTIONS:
                 raise where.error(path + ("method",), f"unknown method {method!r}"
                                   f"{_did_you_mean(method, INTERVENTIONS.names())} "
@@ -375,9 +435,11 @@ class Recipe:
                 self._build_one(entry, base_dir)
             except RecipeError:
                 raise
-            except (ValueError, TypeError, KeyError) as err:
+            except Exception as err:  # noqa: BLE001 - a constructor refusing a value is a recipe error
                 msg = str(err).strip("'\"")
-                raise where.error(path, msg if msg.startswith(method) else f"{method}: {msg}") from None
+                if not isinstance(err, (ValueError, TypeError, KeyError)):
+                    msg = f"invalid parameters ({type(err).__name__}: {msg})"
+                raise where.error(path, msg if msg.startswith(f"{method}:") else f"{method}: {msg}") from None
 
     def _target_of(self, entry: dict) -> dict:
         spec = self.targets[entry["target"]] if "target" in entry else entry
@@ -391,6 +453,46 @@ class Recipe:
             target["heads"] = resolve_heads(target["heads"], base_dir)
         return INTERVENTIONS.get(entry["method"])(**(entry.get("params") or {}), **target)
 
+    @classmethod
+    def from_interventions(cls, interventions, name: str = "saved", backend: str = "auto",
+                           description: str = "") -> "Recipe":
+        """The recipe that rebuilds ``interventions`` (from :meth:`attnkit.Intervention.config`); raises a
+        RecipeError naming the intervention and field when a value has no YAML form (a tensor, a HeadScores object:
+        save those to a file and refer to it by path).
+
+        Example:
+            >>> from attnkit.interventions.noop import Noop
+            >>> print(Recipe.from_interventions([Noop(layers=[1])], name="one").to_yaml().strip())
+            name: one
+            version: 1
+            backend: auto
+            interventions:
+            - method: noop
+              layers:
+              - 1
+        """
+        import yaml
+
+        entries = []
+        for i, iv in enumerate(interventions):
+            config = iv.config()
+            entry: dict = {"method": iv.name}
+            for key in TARGET_KWARGS:
+                if config.get(key) is not None:
+                    entry[key] = config.pop(key)
+                config.pop(key, None)
+            params = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+            if params:
+                entry["params"] = params
+            try:
+                yaml.safe_dump(entry)
+            except yaml.representer.RepresenterError as err:
+                raise RecipeError(f"interventions[{i}] ({iv.name}): {err.args[1]!r} has no YAML form; save it to a "
+                                  "file and refer to it by path") from None
+            entries.append(entry)
+        return cls.from_dict({"name": name, "version": 1, "backend": backend, "interventions": entries,
+                              **({"description": description} if description else {})})
+
     def build_interventions(self) -> list:
         """Fresh Intervention objects, in the recipe's stacking order."""
         base_dir = Path(self.source).resolve().parent if self.source not in ("<dict>", "<string>") else None
@@ -400,6 +502,8 @@ class Recipe:
         out: dict[str, Any] = {"name": self.name, "version": self.version}
         if self.description:
             out["description"] = self.description
+        if self.tuned_for:
+            out["tuned_for"] = self.tuned_for
         out["backend"] = self.backend
         if self.targets:
             out["targets"] = self.targets
@@ -421,6 +525,29 @@ class Recipe:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def locate_error(self, message: str) -> str:
+        """``file:line: field: message`` for an attach-time error about this recipe: the entry whose method the
+        message names (the later one for a conflict between two), ``backend`` for a backend refusal.
+
+        Example:
+            >>> r = Recipe.from_dict({"name": "d", "version": 1, "interventions": [{"method": "noop"}]})
+            >>> r.locate_error("noop: layer 9 is out of range")
+            '<dict>: interventions[0]: noop: layer 9 is out of range'
+        """
+        if message.startswith(f"{self.source}:"):
+            return message
+        path: tuple = ("interventions",)
+        named = [i for i, e in enumerate(self.interventions)
+                 if re.search(rf"(?<![\w-]){re.escape(str(e.get('method')))}(?![\w-])", message)]
+        first = next((i for i, e in enumerate(self.interventions) if message.startswith(f"{e.get('method')}:")), None)
+        if first is not None:
+            path = ("interventions", first)
+        elif named:
+            path = ("interventions", named[-1])
+        elif message.startswith("layer ") and self.backend != "auto":
+            path = ("backend",)
+        return str(_Where(self.source, self.lines).error(path, message))
 
     def describe(self) -> str:
         methods = " → ".join(e["method"] for e in self.interventions) or "(no interventions)"

@@ -168,6 +168,17 @@ class Family:
     def stock(self):
         return self.run(self.model)
 
+    @functools.cached_property
+    def stock_batching_gap(self) -> float:
+        """How far the stock model's batched outputs are from each sample run alone, relative to the logit scale
+        (SDPA kernels differ slightly with and without padding masks, more so on older torch)."""
+        gap = 0.0
+        for b, sample in enumerate(self.samples):
+            alone = self.run(self.model, sample)[0]  # [N, V]
+            batched = self.stock[b, -alone.shape[0]:]
+            gap = max(gap, float((batched - alone).abs().max()) / max(1.0, float(alone.abs().max())))
+        return gap
+
 
 @functools.lru_cache(maxsize=None)
 def family(name: str) -> Family:

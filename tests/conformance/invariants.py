@@ -191,13 +191,14 @@ def check_batched(case: Case) -> None:
             handle.clear_spans()
             case.set_spans(handle, sample=b)
             alone.append(fam.run(fam.model, sample))
+    rtol = max(1e-4, 2 * fam.stock_batching_gap)  # never stricter than the stock model's own batching noise
     for b, out in enumerate(alone):
         n = out.shape[1]
         what = f"sample {b} in the batch vs alone"
         if batched.shape[1] >= n and out.shape[1] == fam.samples[b]["input_ids"].shape[1]:
-            assert_close(batched[b, -n:], out[0], 1e-4, what)
+            assert_close(batched[b, -n:], out[0], rtol, what)
         else:
-            assert_close(batched[b, -1], out[0, -1], 1e-4, what + " (last position)")
+            assert_close(batched[b, -1], out[0, -1], rtol, what + " (last position)")
     if fam.has_padded_row:
         assert not torch.isnan(batched[fam.real_rows()]).any()
 
@@ -263,6 +264,10 @@ def check_half(case: Case) -> None:
             stock = fam.run(model)
         except Exception as err:  # noqa: BLE001
             raise NotApplicable(f"the stock model cannot run in {dtype} on this device ({type(err).__name__})")
+        if fam.tokens and not torch.isfinite(real_positions(case, stock)).all():
+            if dtype == torch.float16:
+                continue  # e.g. Gemma overflows in float16 even without attnkit: bfloat16 is still checked
+            raise NotApplicable(f"the stock model gives non-finite outputs in {dtype}")
         with case.attach(model):
             out = fam.run(model)
         if fam.tokens:

@@ -96,6 +96,38 @@ def build_mask(q_pos, k_pos, k_real, like: torch.Tensor | None, dtype, window: i
     return allowed.to(like.device if like is not None else allowed.device)
 
 
+def gather_mask(like: torch.Tensor, q_index: torch.Tensor | None, k_index: torch.Tensor, k_real: torch.Tensor):
+    """The model's own mask ``like [B|1, H|1, Q0, K0]`` (bool, True = attend; or additive float) at the original
+    query rows ``q_index [B, Q]`` (None: keep its rows) and key columns ``k_index [B, K]`` → ``[B, H|1, Q, K]``
+    in the same format. Filler key slots (``k_real`` False) are masked; a row left empty sees its own slot.
+
+    Example (a bidirectional block over original tokens 1-2, token 2 dropped):
+        >>> allowed = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+        >>> keep = torch.tensor([[0, 1, 3]])
+        >>> gather_mask(allowed[None, None], keep, keep, torch.ones(1, 3, dtype=torch.bool))[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    """
+    B = k_index.shape[0]
+    mask = like.expand(B, *like.shape[1:]) if like.shape[0] == 1 else like  # [B, H, Q0, K0]
+    H = mask.shape[1]
+    if q_index is not None:
+        rows = q_index[:, None, :, None].expand(B, H, q_index.shape[1], mask.shape[-1])
+        mask = torch.gather(mask, 2, rows)  # [B, H, Q, K0]
+    Q, K = mask.shape[2], k_index.shape[1]
+    mask = torch.gather(mask, 3, k_index[:, None, None, :].expand(B, H, Q, K))  # [B, H, Q, K]
+    floating = mask.dtype.is_floating_point
+    allowed = (mask > torch.finfo(mask.dtype).min / 2) if floating else mask.bool()
+    allowed = allowed & k_real[:, None, None, :]
+    q_pos = q_index if q_index is not None else k_index[:, -Q:]
+    own = k_index[:, None, None, :] == q_pos[:, None, :, None]  # [B, 1, Q, K]
+    forced = ~allowed.any(-1, keepdim=True) & own  # empty rows see their own slot
+    allowed = allowed | forced
+    if floating:
+        kept = torch.where(forced, torch.zeros((), dtype=mask.dtype, device=mask.device), mask)
+        return torch.where(allowed, kept, torch.finfo(mask.dtype).min)
+    return allowed
+
+
 def _window_of(layer: torch.nn.Module) -> int | None:
     attn = getattr(layer, "self_attn", None)
     window = getattr(attn, "sliding_window", None)
@@ -241,6 +273,12 @@ class TokenDropper:
             k_pos = self.key_positions().to(hidden.device)  # [B, K]
             k_real = self._key_real().to(hidden.device)
             q_pos = k_pos[:, -q_len:]
+        total = self.plan.seq_len + self._decoded  # original positions seen so far
+        if isinstance(like, torch.Tensor) and like.dim() == 4 and like.shape[-1] == total:
+            # the model built its own mask over the original positions (bidirectional image blocks, prefix or
+            # chunked attention, sliding windows, padding): take it at the kept slots instead of rebuilding it
+            rows = q_pos if prefill else None
+            return gather_mask(like, rows, k_pos.to(like.device), k_real.to(like.device))
         window = _window_of(self.layers[layer_idx])
         sdpa_format = not isinstance(like, torch.Tensor) or like.dtype == torch.bool
         square_or_row = q_len == 1 or q_len == k_pos.shape[1]

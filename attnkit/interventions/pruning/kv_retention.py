@@ -51,6 +51,7 @@ class KVRetention(Intervention):
         "not_applicable": {"generate": "a KV-cache policy: the evicting cache is the method, recomputation has none"}}
     requires = frozenset({"text_decoder"})
     description = "full KV cache for retrieval heads, sink + window for the others (per KV head)"
+    exclusive = "kv-cache"
 
     def __init__(self, retrieval_heads=None, sinks: int = 4, window: int = 256, **target):
         if target.get("heads") is not None:

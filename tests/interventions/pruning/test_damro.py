@@ -199,14 +199,15 @@ def test_batched_equals_per_sample(llava):
 def test_full_forward_edits_only_the_text_after_the_image_and_remove_restores(llava):
     inputs = vlm_inputs("llava", llava, batch=2, left_pad=1)
     image = inputs["input_ids"] == IMAGE_ID
-    last_img = int(image[0].nonzero().max())
     with torch.no_grad():
         stock = llava(**inputs).logits
         with attnkit.attach(llava, [Damro(alpha=1.0, k=3, beta=0.0)]):
             edited = llava(**inputs).logits
         after = llava(**inputs).logits
-    assert torch.equal(edited[:, : last_img + 1], stock[:, : last_img + 1])
-    assert not torch.allclose(edited[:, last_img + 1:], stock[:, last_img + 1:])
+    for b in range(2):  # the samples are padded differently: each has its own last image position
+        last_img = int(image[b].nonzero().max())
+        assert torch.equal(edited[b, : last_img + 1], stock[b, : last_img + 1])
+        assert not torch.allclose(edited[b, last_img + 1:], stock[b, last_img + 1:])
     assert torch.equal(after, stock)
 
 
