@@ -172,7 +172,7 @@ def edit_real(pipe, image, target_prompt: str, *, source_prompt: str = "", num_i
 
     def reset_source(pipe_, i, t, kwargs):
         current = kwargs["latents"]
-        if ref_intermediate_latents and i + 2 <= len(inversion.latents):
+        if ref_intermediate_latents and i + 1 < len(inversion.timesteps):  # before step i + 1 (never after the last)
             current = current.clone()
             current[:1] = inversion.latents[-2 - i].to(current)
         return {"latents": current}

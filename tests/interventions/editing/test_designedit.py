@@ -9,6 +9,7 @@ import attnkit
 from attnkit.diffusion.inject import key_mask_bias
 from attnkit.diffusion.inversion import encode, relative_error
 from attnkit.diffusion.store import AttentionStore
+from attnkit.hooks.diffusers import DiffusersAdapter
 from attnkit.interventions.editing.designedit import DesignEdit, remove, removal_mask, zero_hidden_keys
 from attnkit.testing import latent_blind, tiny_pipeline
 
@@ -68,7 +69,7 @@ def test_remove_reconstructs_row_zero_and_edits_row_one():
     mask = torch.zeros(8, 8)
     mask[2:6, 2:6] = 1.0
     out = remove(pipe, image, mask, num_inference_steps=10, attend_scale=0)
-    n_self = len(DesignEdit(mask=mask).default_layers(attnkit.attach(pipe, []).description))
+    n_self = len(DesignEdit(mask=mask).default_layers(DiffusersAdapter(pipe).description))
     x0 = encode(pipe, image)
     assert relative_error(out.latents[:1], x0) < 1e-5
     assert relative_error(out.latents[1:], x0) > 1e-3
