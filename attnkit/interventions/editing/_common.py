@@ -161,6 +161,8 @@ class CallTracker:
     def _pre(self, module, args, kwargs):
         t = timestep_of(args, kwargs)
         located = scheduler_step(self._pipe, t) if self._pipe is not None else None
+        if located is None and self._pipe is not None and t is not None:  # Flux passes timestep / 1000
+            located = scheduler_step(self._pipe, t * 1000)
         if located is None:
             n = self.num_steps or 1
             if self.num_steps is None and self._pipe is None:

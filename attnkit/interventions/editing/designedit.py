@@ -161,11 +161,15 @@ def remove(pipe, image, mask: torch.Tensor, *, prompt: str = "", num_inference_s
     from attnkit.diffusion.inversion import call_pipeline, ddim_invert, decode, encode, output_latents
 
     z0 = image if not (image.dim() == 4 and image.shape[1] == 3) else encode(pipe, image)
-    latent_mask = removal_mask(mask, z0.shape[-2:], dilate=attend_scale).to(z0)  # [h, w]
+    packed = z0.dim() == 3  # Flux: [B, h·w/4, 4C] tokens of 2x2 latent patches
+    side = int(round(z0.shape[1] ** 0.5)) if packed else None
+    grid = (side, side) if packed else tuple(z0.shape[-2:])
+    mask_grid = removal_mask(mask, grid, dilate=attend_scale).to(z0)  # [h, w] on the latent (token) grid
+    latent_mask = mask_grid.view(1, -1, 1) if packed else mask_grid  # broadcastable to the latents
     inversion = ddim_invert(pipe, z0, prompt=prompt, num_inference_steps=num_inference_steps, guidance_scale=1.0,
                             **call_kwargs)
     method = method or DesignEdit()
-    method.set_mask(latent_mask)
+    method.set_mask(mask_grid)
     scale = num_inference_steps / 50  # the code's step indices are for 50 steps
     lo, hi = int(fusion_steps[0] * scale), int(fusion_steps[1] * scale)
 

@@ -76,6 +76,20 @@ def test_remove_reconstructs_row_zero_and_edits_row_one():
     assert out.edited_calls == n_self * 9  # steps 1..9 of 10 (the code's 1..39 window)
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux", "pixart"])
+def test_remove_on_the_transformer_families(family):
+    pipe = tiny_pipeline(family)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    mask = torch.zeros(16, 16)
+    mask[4:12, 4:12] = 1.0
+    extra = {"use_resolution_binning": False} if family == "pixart" else {}
+    method = DesignEdit(key_mask="neg_inf")  # SD3/Flux/PixArt keys are normed or rotated in the real models
+    out = remove(pipe, image, mask, num_inference_steps=4, attend_scale=0, method=method, guidance_scale=3.0,
+                 **extra)
+    assert out.edited_calls > 0 and torch.isfinite(out.images).all() and out.images.shape == (2, 3, 16, 16)
+    assert float((out.latents[1] - out.latents[0]).abs().max()) > 1e-5
+
+
 def test_zero_hidden_needs_linear_keys():
     with pytest.raises(attnkit.AttachError, match="use key_mask='neg_inf'"):
         attnkit.attach(tiny_pipeline("flux"), DesignEdit(mask=torch.ones(2, 2)))  # RMS-normed, rotated keys
