@@ -51,6 +51,11 @@ EXPECTED = {
     "streaming-llm-ppl": ("LLM/VLM", "-"), "var-auto": ("VLM", "-"),
     "var-llava": ("VLM", "-"), "var-qwen2-vl": ("VLM", "-"), "vhr": ("VLM", "-"), "visual-exit": ("VLM", "-"),
     "vtc-cls": ("VLM", "-"),
+    # diffusion editing (issue 15)
+    "a-star": ("diffusion", "-"), "broadway": ("diffusion", "-"), "broadway-videocrafter": ("diffusion", "-"),
+    "designedit": ("diffusion", "-"), "ditctrl": ("diffusion", "-"), "fatezero": ("diffusion", "-"),
+    "freecustom": ("diffusion", "-"), "masactrl": ("diffusion", "-"), "styleid": ("diffusion", "-"),
+    "styleid-diffusers": ("diffusion", "-"),
 }
 
 

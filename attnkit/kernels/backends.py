@@ -42,12 +42,17 @@ BACKEND_NAMES = ("triton", "torch", "eager")
 #: what a recipe may ask for
 REQUESTABLE = ("auto",) + BACKEND_NAMES
 
+#: hooks that run before every backend (the adapters apply them to q/k/v first, :mod:`attnkit.hooks.kv_edit`), so
+#: every backend supports them
+PRE_BACKEND_CAPABILITIES = frozenset({"edit_kv"})
 #: hooks (see :mod:`attnkit.interventions.base`) plus ``softcap`` (logit soft-capping), ``probs`` (returns the
 #: probability matrix) and ``mask`` (runs any attention mask the model builds, exactly)
 EAGER_CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_scores", "key_stats", "group_factors",
-                                "edit_probs", "edit_output", "softcap", "probs", "mask"})
-TORCH_CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_output", "group_factors", "key_stats", "mask"})
-TRITON_CAPABILITIES = frozenset({"query_scale", "group_factors", "key_stats", "edit_output", "mask"})
+                                "edit_probs", "edit_output", "softcap", "probs", "mask"}) | PRE_BACKEND_CAPABILITIES
+TORCH_CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_output", "group_factors", "key_stats",
+                                "mask"}) | PRE_BACKEND_CAPABILITIES
+TRITON_CAPABILITIES = frozenset({"query_scale", "group_factors", "key_stats", "edit_output",
+                                 "mask"}) | PRE_BACKEND_CAPABILITIES
 #: capability pairs the fused backends cannot combine in one layer (an arbitrary score bias breaks group partials
 #: and the key statistics, which are computed from q and k)
 FUSED_UNSUPPORTED = (frozenset({"score_bias", "group_factors"}), frozenset({"score_bias", "key_stats"}))
