@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from attnkit.hooks.kv_edit import apply_kv_edits
 from attnkit.hooks.mask_edit import apply_mask_overrides
 from attnkit.kernels.eager import eager_probs
 from attnkit.kernels.masks import causal_allowed
@@ -67,13 +68,20 @@ def attend(runtime, site: Site, query, key, value, mask, *, scaling: float, caus
     """Run ``site``'s plan (or ``stock()`` when it has none) and feed ``runtime.captures`` → ``[B,H,Q,D]``.
 
     Captured rows come from the computation that produced the output (the backend returns them), so every hook
-    runs once per layer call, and a capture shows what the fused path really did. ``override_mask`` entries
-    replace the model's mask first (:mod:`attnkit.hooks.mask_edit`); the backend and the captures run the result."""
+    runs once per layer call, and a capture shows what the fused path really did. ``edit_kv`` entries run first
+    (:mod:`attnkit.hooks.kv_edit`), then ``override_mask`` entries replace the (edited) call's mask inside their
+    blocks (:mod:`attnkit.hooks.mask_edit`); the backend and the captures see the result."""
     q_len = query.shape[2]
     wanting = [cap for cap in runtime.captures if cap.wants(site.layer, site.component)]
     rows = torch.unique(torch.cat([cap.rows(q_len) for cap in wanting])).to(query.device) if wanting else None
     probs = None
     if site.entries:
+        edited = apply_kv_edits(site.entries, query, key, value, mask, causal=causal, make_ctx=make_ctx)
+        if edited[0] is not query or edited[1] is not key:  # later contexts read the edited q/k
+            make_ctx = _reading(edited[4], edited[0], edited[1])
+        else:
+            make_ctx = edited[4]
+        query, key, value, mask = edited[:4]
         mask = apply_mask_overrides(site.entries, mask, q_len=q_len, k_len=key.shape[2], causal=causal,
                                     make_ctx=make_ctx, device=query.device)
         result = site.backend.run(query, key, value, mask, scaling=scaling, entries=site.entries, make_ctx=make_ctx,
@@ -90,6 +98,18 @@ def attend(runtime, site: Site, query, key, value, mask, *, scaling: float, caus
         where = torch.searchsorted(rows, mine)  # positions of this capture's rows among the computed ones
         cap.add(site.layer, call_index, probs[:, :, where], mine, kind=site.kind)
     return out
+
+
+def _reading(make_ctx: Callable, query, key) -> Callable:
+    """``make_ctx`` whose contexts carry ``query``/``key`` (the tensors after ``edit_kv``) as ``ctx.query``/``ctx.key``."""
+
+    def make(entry, *args, **kwargs):
+        ctx = make_ctx(entry, *args, **kwargs)
+        if ctx is not None:
+            ctx.query, ctx.key = query, key
+        return ctx
+
+    return make
 
 
 def stock_rows(query, key, mask, rows, *, scaling, causal, softcap) -> torch.Tensor:

@@ -42,9 +42,9 @@ BACKEND_NAMES = ("triton", "torch", "eager")
 #: what a recipe may ask for
 REQUESTABLE = ("auto",) + BACKEND_NAMES
 
-#: hooks that run before every backend (the adapters apply them first: :mod:`attnkit.hooks.mask_edit`), so every
-#: backend supports them
-PRE_BACKEND_CAPABILITIES = frozenset({"override_mask"})
+#: hooks that run before every backend (the adapters apply them to q/k/v and to the mask first,
+#: :mod:`attnkit.hooks.kv_edit`, :mod:`attnkit.hooks.mask_edit`), so every backend supports them
+PRE_BACKEND_CAPABILITIES = frozenset({"edit_kv", "override_mask"})
 #: hooks (see :mod:`attnkit.interventions.base`) plus ``softcap`` (logit soft-capping), ``probs`` (returns the
 #: probability matrix) and ``mask`` (runs any attention mask the model builds, exactly)
 EAGER_CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_scores", "key_stats", "group_factors",
