@@ -295,7 +295,8 @@ def run_kv(model, tok, cfg: Config, run: ModelRun, style: str) -> None:
                 else:
                     row["keys"] = 1.0
                 if iv is not None and hasattr(iv, "kv_fraction") and not isinstance(iv, KVRetention):
-                    restricted = kv_heads_of(iv.target.heads, description.kv_group)
+                    heads = iv.compressed_heads if isinstance(iv, RazorAttention) else iv.target.heads
+                    restricted = kv_heads_of(heads, description.kv_group)
                     if isinstance(iv, RazorAttention):
                         row["kv"] = kv_kept(model, n, restricted, lambda c: min(c, iv.capacity))
                     else:

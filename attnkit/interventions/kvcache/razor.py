@@ -31,8 +31,10 @@ they share one key); ``recompress_every_step=True`` folds again at every decode 
 
 Sliding-window layers (Gemma-3's local layers, whose cache is already bounded) are left alone.
 
-Simulation: decode rows of the non-retrieval heads are recomputed over the kept keys plus the compensation token
-(``edit_output``, ``O(K)`` per row); all ``g`` query heads of a KV head share its compressed cache.
+Simulation: at decode calls each KV head's compensation key/value is appended to the call's keys and the folded keys
+of the compressed heads get ``−∞`` (``edit_kv``: one attention pass, every backend; the appended key carries the
+``ln|D|`` weight in ``count`` mode and ``−∞`` on the retrieval heads); all ``g`` query heads of a KV head share its
+compressed cache.
 :meth:`RazorAttention.kv_fraction` gives the fraction of KV memory such a cache keeps, and :attr:`account` the keys
 each decode step attends.
 
@@ -60,7 +62,7 @@ import torch
 
 from attnkit.interventions.base import Intervention, register_intervention
 from attnkit.interventions.kvcache._sparse import KeyAccount, check_int, expand_kv, full_attention_layers, \
-    gathered_attention, real_keys, scaling_of, softcap_of, visible
+    real_keys, scaling_of, softcap_of
 from attnkit.scores import HeadScores
 from attnkit.targets import Target
 
@@ -276,7 +278,12 @@ class RazorAttention(Intervention):
         if not heads:
             raise ValueError("razor-attention: every KV head of the targeted layers is a retrieval head; nothing "
                              "is compressed")
-        self.target = Target(layers=sorted(heads), heads=heads, modules=self.target.modules)
+        #: ``{layer: [query heads]}`` of the compressed (non-retrieval) KV heads
+        self.compressed_heads = heads
+        # the compensation key is appended with edit_kv, which changes the key count, so every head of the layer is
+        # a target: retrieval heads get a -inf bias on the appended key and see everything else
+        self.target = Target(layers=sorted(heads), modules=self.target.modules)
+        self._head_mask = {layer: torch.tensor([h in hs for h in range(text.num_heads)]) for layer, hs in heads.items()}
         self._info = {"layers": text.num_layers, "kv_heads": text.num_kv_heads, "group": group,
                       "compressed_kv": sum(len({h // group for h in hs}) for hs in heads.values())}
 
@@ -311,12 +318,14 @@ class RazorAttention(Intervention):
         v_hat = torch.einsum("bk,bhkd->bhd", weight, ctx.value.float())
         return {"keep": keep, "k_hat": k_hat, "v_hat": v_hat, "count": count}
 
-    def edit_output(self, out, ctx):
+    def edit_kv(self, q, k, v, ctx):
+        """Decode calls: append each KV head's compensation key/value and mask the folded keys of the compressed heads
+        (``−∞``), with the ``ln|D|`` weight on the appended key in ``count`` mode; retrieval heads never see it."""
         state = ctx.state
         real = real_keys(ctx)  # [B, K]
         if ctx.is_prefill or "prompt_slots" not in state:
             state["prompt_slots"] = torch.full((ctx.batch,), ctx.k_len, dtype=torch.long, device=ctx.device)
-            return out  # prefill: full attention for every head
+            return None  # prefill: full attention for every head
         if self.recompress_every_step:
             upto = torch.full((ctx.batch,), ctx.k_len - ctx.q_len, dtype=torch.long, device=ctx.device)
             comp = self._compress(ctx, real, upto)
@@ -324,27 +333,26 @@ class RazorAttention(Intervention):
             if "comp" not in state:
                 state["comp"] = self._compress(ctx, real, state["prompt_slots"])
             comp = state["comp"]
-        K = ctx.k_len
+        B, K, Q, H = ctx.batch, ctx.k_len, ctx.q_len, ctx.num_heads
         keep = torch.nn.functional.pad(comp["keep"], (0, K - comp["keep"].shape[1]))  # [B, K]
-        slots = torch.arange(K, device=ctx.device)
-        after = slots[None] >= (state["prompt_slots"][:, None] if not self.recompress_every_step else
-                                torch.full((ctx.batch, 1), K - ctx.q_len, device=ctx.device))
-        keep = (keep | after) & real  # [B, K] decode tokens are never evicted
-        allowed = visible(ctx) & keep[:, None, None, :]  # [B, 1, Q, K]
+        first_new = state["prompt_slots"][:, None] if not self.recompress_every_step else \
+            torch.full((B, 1), K - Q, device=ctx.device)
+        keep = (keep | (torch.arange(K, device=ctx.device)[None] >= first_new)) & real  # decode tokens stay
         has_comp = comp["count"] > 0  # [B]
-        H = ctx.num_heads
-        k = torch.cat([expand_kv(ctx.key, H), expand_kv(comp["k_hat"][:, :, None].to(ctx.key.dtype), H)], dim=2)
-        v = torch.cat([expand_kv(ctx.value, H), expand_kv(comp["v_hat"][:, :, None].to(ctx.value.dtype), H)], dim=2)
-        allowed = torch.cat([allowed, has_comp.view(-1, 1, 1, 1).expand(-1, 1, ctx.q_len, 1)], dim=-1)  # [B,1,Q,K+1]
-        bias = None
-        if self.compensation_weight == "count":
-            bias = torch.zeros(ctx.batch, 1, 1, K + 1, device=ctx.device)
-            bias[:, 0, 0, K] = comp["count"].clamp_min(1).float().log()
-        edited = gathered_attention(ctx.query, k, v, allowed, scaling=scaling_of(ctx), softcap=softcap_of(ctx),
-                                    bias=bias)
-        self.account.add(ctx.layer, allowed[..., :K], visible(ctx), ctx.heads,
+        compressed = self._head_mask[ctx.layer].to(ctx.device).view(1, H, 1, 1)  # [1, H, 1, 1]
+        neg = torch.tensor(float("-inf"), device=ctx.device)
+        zero = torch.zeros((), device=ctx.device)
+        cache_bias = torch.where(keep[:, None, None, :] | ~compressed, zero, neg)  # [B, H, 1, K]
+        comp_logit = comp["count"].clamp_min(1).float().log() if self.compensation_weight == "count" else \
+            torch.zeros(B, device=ctx.device)
+        comp_bias = torch.where(has_comp.view(B, 1, 1, 1) & compressed, comp_logit.view(B, 1, 1, 1), neg)  # [B,H,1,1]
+        k = torch.cat([k, comp["k_hat"][:, :, None].to(k.dtype)], dim=2)  # [B, Hkv, K+1, D]
+        v = torch.cat([v, comp["v_hat"][:, :, None].to(v.dtype)], dim=2)
+        causal = torch.arange(K, device=ctx.device)[None] <= torch.arange(K - Q, K, device=ctx.device)[:, None]
+        seen = (real[:, None, :] & causal[None])[:, None]  # [B, 1, Q, K] visible under a causal model mask
+        self.account.add(ctx.layer, seen & keep[:, None, None, :], seen, self._head_mask[ctx.layer],
                          ctx.query_mask("real") if ctx.tracker is not None else None, extra=has_comp.float())
-        return edited.to(out.dtype)
+        return q, k, v, torch.cat([cache_bias, comp_bias], dim=-1)  # bias [B, H, 1, K+1]
 
     def kv_fraction(self, prompt_len: int, generated: int = 0) -> float:
         """Fraction of a full KV cache this policy keeps after a ``prompt_len``-token prefill and ``generated``
