@@ -24,7 +24,8 @@ a shorter period; kv-retention reuses Razor's retrieval heads.
 PINE: answer consistency on a synthetic multiple-choice set built from TruthfulQA (question, best answer + 3
 incorrect answers, labels A-D travelling with their option text as in PINE's RewardBench protocol); every question is
 asked in 4 cyclic orders of its options; the answer is the option whose label token gets the highest next-token
-logit. Consistency = share of questions answered with the same option in all 4 orders; accuracy = share of
+logit. Each option keeps its letter in every order, and the best answer's letter rotates over the questions (A, B,
+C, D), so a model that always prefers one letter scores 25 %. Consistency = share of questions answered with the same option in all 4 orders; accuracy = share of
 (question, order) pairs answered with the best answer.
 
     python benchmarks/long_context.py                      # both models, N = 1024, writes benchmarks/README.md
@@ -74,7 +75,7 @@ class Config:
     models: tuple = ("smollm2", "gemma3")
     context: int = 1024
     depths: tuple = (10, 50, 90)
-    ppl_tokens: int = 48
+    ppl_tokens: int = 64
     answer_tokens: int = 20
     pine_questions: int = 30
     duo_steps: int = 24
@@ -325,8 +326,9 @@ def truthfulqa_items(count: int, seed: int = 0) -> list[tuple[str, list[str]]]:
     return items
 
 
-def mc_prompt(tok, question: str, options: list[str], order: list[int], chat: bool):
-    """PINE inputs: prefix, one segment per option (label attached to the option), suffix."""
+def mc_prompt(tok, question: str, options: list[str], order: list[int], chat: bool, labels: str = LABELS):
+    """PINE inputs: prefix, one segment per option (option ``k`` keeps the label ``labels[k]`` in every order),
+    suffix."""
     if chat:
         prefix = "<|im_start|>user\nAnswer the multiple-choice question with the letter of the correct option.\n" \
                  f"Question: {question}\nOptions:\n"
@@ -335,7 +337,7 @@ def mc_prompt(tok, question: str, options: list[str], order: list[int], chat: bo
         prefix = f"Answer the multiple-choice question with the letter of the correct option.\nQuestion: {question}\n" \
                  "Options:\n"
         suffix = "The correct option is"
-    segments = [f"{LABELS[k]}. {options[k]}\n" for k in order]
+    segments = [f"{labels[k]}. {options[k]}\n" for k in order]
     return pine_inputs(tok, prefix, segments, suffix)
 
 
@@ -350,10 +352,11 @@ def run_pine(model, tok, cfg: Config, run: ModelRun, chat: bool) -> None:
     for label, make in (("baseline", lambda: None), ("PINE", PINE)):
         consistent = correct = 0
         start = time.perf_counter()
-        for question, options in items:
+        for index, (question, options) in enumerate(items):
+            letters = LABELS[index % 4:] + LABELS[:index % 4]  # the best answer's letter rotates over questions
             chosen = []
             for order in orders:
-                ids, ranges = mc_prompt(tok, question, options, order, chat)
+                ids, ranges = mc_prompt(tok, question, options, order, chat, letters)
                 iv = make()
                 with torch.no_grad():
                     if iv is None:
@@ -362,7 +365,8 @@ def run_pine(model, tok, cfg: Config, run: ModelRun, chat: bool) -> None:
                         with attnkit.attach(model, [iv]) as handle:
                             handle.set_span("pine_segments", ranges)
                             logits = model(ids).logits[0, -1]
-                chosen.append(int(logits[labels].argmax()))
+                letter = int(logits[labels].argmax())  # index into "ABCD"
+                chosen.append(letters.index(LABELS[letter]))  # the option that carries that letter
             consistent += len(set(chosen)) == 1
             correct += sum(c == 0 for c in chosen)
         row = {"method": label, "consistency": 100.0 * consistent / len(items),
