@@ -159,7 +159,9 @@ class TokenSelect(Intervention):
         pos = key_rope_positions(ctx)  # [B, K]
         first_row = ctx.k_len - ctx.q_len
         out = out.clone()
-        keep = torch.zeros(ctx.batch, 1, ctx.q_len, ctx.k_len, dtype=torch.bool, device=ctx.device)
+        # the account's keep mask: decode calls only (a prefill would need a [Q, K] matrix)
+        keep = None if ctx.is_prefill else torch.zeros(ctx.batch, 1, ctx.q_len, ctx.k_len, dtype=torch.bool,
+                                                       device=ctx.device)
         for b in range(ctx.batch):
             real_rows = real[b, first_row:].nonzero().flatten()  # [R] call rows holding real tokens
             for c0 in range(0, real_rows.numel(), self.prefill_chunk):
@@ -167,11 +169,13 @@ class TokenSelect(Intervention):
                 slots = real[b, : first_row + int(rows[-1]) + 1].nonzero().flatten()  # real keys cached so far
                 result = self._chunk(ctx, b, slots, rows, pos)
                 if result is None:
-                    keep[b, 0, rows, : first_row + int(rows[-1]) + 1] = True
+                    if keep is not None:
+                        keep[b, 0, rows, : first_row + int(rows[-1]) + 1] = True
                     continue
                 out[b, :, rows] = result[0].to(out.dtype)
-                keep[b, 0, rows[:, None], result[1][None, :]] = True
-        if not ctx.is_prefill:
+                if keep is not None:
+                    keep[b, 0, rows[:, None], result[1][None, :]] = True
+        if keep is not None:
             self.account.add(ctx.layer, keep, visible(ctx), ctx.heads,
                              ctx.query_mask("real") if ctx.tracker is not None else None)
         return out
