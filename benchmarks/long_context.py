@@ -204,8 +204,9 @@ def methods(model, tok, cfg: Config, run: ModelRun):
     """``[(label, factory() -> intervention list, params text, kv(n) -> fraction, analytic keys(n) or None)]``."""
     n = cfg.context
     budget = max(16, n // 8)
-    text = attnkit.attach(model, []).description.component("text")
-    attnkit_handle_cleanup(model)
+    from attnkit.hooks.transformers import TransformersAdapter
+
+    text = TransformersAdapter(model).description.component("text")
     group = text.kv_group
     rows = [("baseline", lambda: [], "stock model", lambda: 1.0, None)]
     sinks, window = 4, budget - 4
@@ -254,17 +255,6 @@ def methods(model, tok, cfg: Config, run: ModelRun):
                  f"n_init {max(4, budget // 8)}, n_local {local}, top-k {budget - local - max(4, budget // 8)}, "
                  f"prefill chunks of {local}, compacted positions (scaled from 128 / 512 / 2048)", lambda: 1.0, None))
     return rows
-
-
-def attnkit_handle_cleanup(model) -> None:
-    """Remove the throw-away handle used to read the model description."""
-    from attnkit.hooks.transformers import _OWNER
-
-    for module in list(_OWNER.keys()):
-        owner = _OWNER.get(module)
-        adapter = owner[1]() if owner else None
-        if adapter is not None and adapter.model is model and adapter.handle is not None:
-            adapter.handle.remove()
 
 
 def run_kv(model, tok, cfg: Config, run: ModelRun, style: str) -> None:
