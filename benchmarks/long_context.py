@@ -210,8 +210,9 @@ def methods(model, tok, cfg: Config, run: ModelRun):
     group = text.kv_group
     rows = [("baseline", lambda: [], "stock model", lambda: 1.0, None)]
     sinks, window = 4, budget - 4
-    rows.append(("StreamingLLM", lambda: [StreamingLLM(num_sinks=sinks, window=window)],
-                 f"sinks {sinks}, window {window} (evicting cache, positions re-indexed)",
+    rows.append(("StreamingLLM", lambda: [StreamingLLM(num_sinks=sinks, window=window, evict="per_call")],
+                 f"sinks {sinks}, window {window}, evicted after every call (the PPL script's policy), positions "
+                 "re-indexed",
                  lambda: kv_kept(model, n, {l: text.num_kv_heads for l in range(text.num_layers)},
                                  lambda c: sinks + window),
                  lambda: min(1.0, (sinks + window + 1) / n)))
@@ -224,7 +225,8 @@ def methods(model, tok, cfg: Config, run: ModelRun):
     heads = retrieval.layer_heads()
     kvr_restricted = {l: text.num_kv_heads - len({h // group for h in heads.get(l, [])}) for l in range(text.num_layers)}
     rows.append(("kv-retention", lambda: [KVRetention(retrieval_heads=heads, sinks=sinks, window=window)],
-                 f"Razor's retrieval heads full; others sinks {sinks} + window {window} (core: Λ mask on every row)",
+                 f"Razor's retrieval heads full; others sinks {sinks} + window {window} (mask deploy: full prefill, "
+                 "sink + window on decode steps)",
                  lambda: kv_kept(model, n, kvr_restricted, lambda c: sinks + window), None))
     rows.append(("RazorAttention", lambda: [RazorAttention(retrieval_heads=retrieval, sinks=4, capacity=budget)],
                  f"vendor cell: sinks 4 + 1 compensation token + {budget - 5} recent (capacity {budget})",

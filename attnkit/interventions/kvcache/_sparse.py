@@ -159,7 +159,8 @@ class KeyAccount:
             rows: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> None:
         """Record one call: ``keep`` bool ``[B, H|1, Q, K]`` (None = every visible key), ``allowed`` the model's
         visible keys ``[B, 1|H, Q, K]``; ``heads`` ``[H]`` bool (the target heads), ``rows`` ``[B, Q]`` bool (the real
-        query rows); ``extra`` ``[B]``: keys outside the cache each row also attends (a compensation token)."""
+        query rows); ``extra`` ``[B]`` or ``[B, H]``: keys outside the cache each row also attends (a compensation
+        token)."""
         seen = allowed if keep is None else (keep & allowed)  # [B, H|1, Q, K]
         H = max(seen.shape[1], allowed.shape[1], 1 if heads is None else heads.shape[0])
         seen, allowed = seen.expand(-1, H, -1, -1), allowed.expand(seen.shape[0], H, -1, -1)
@@ -169,8 +170,9 @@ class KeyAccount:
         if rows is not None:
             weight = weight * rows.to(seen.device)[:, None, :].float()
         attended = seen.sum(-1).float()  # [B, H, Q]
-        if extra is not None:
-            attended = attended + extra.to(seen.device).view(-1, 1, 1)
+        if extra is not None:  # [B] or [B, H]
+            extra = extra.to(seen.device).float()
+            attended = attended + (extra.view(-1, 1, 1) if extra.dim() == 1 else extra[:, :, None])
         self.attended[layer] = self.attended.get(layer, 0.0) + float((attended * weight).sum())
         self.visible[layer] = self.visible.get(layer, 0.0) + float((allowed.sum(-1) * weight).sum())
         self.rows[layer] = self.rows.get(layer, 0) + int(weight.sum())

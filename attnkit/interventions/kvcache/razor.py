@@ -49,8 +49,8 @@ Example:
     >>> razor = RazorAttention(retrieval_heads=heads, sinks=1, capacity=4)
     >>> with attnkit.attach(model, [razor]):
     ...     _ = model.generate(torch.tensor([[1, 5, 7, 9, 11, 13, 15, 17]]), max_new_tokens=2, do_sample=False)
-    >>> razor.account.summary()["mean_keys"]            # 1 sink + 1 compensation + 2 recent + the new token
-    5.0
+    >>> razor.account.summary()["mean_keys"]    # half the heads: 1 sink + compensation + 2 recent + new; half: all 9
+    7.0
 """
 
 from __future__ import annotations
@@ -350,8 +350,9 @@ class RazorAttention(Intervention):
         v = torch.cat([v, comp["v_hat"][:, :, None].to(v.dtype)], dim=2)
         causal = torch.arange(K, device=ctx.device)[None] <= torch.arange(K - Q, K, device=ctx.device)[:, None]
         seen = (real[:, None, :] & causal[None])[:, None]  # [B, 1, Q, K] visible under a causal model mask
-        self.account.add(ctx.layer, seen & keep[:, None, None, :], seen, self._head_mask[ctx.layer],
-                         ctx.query_mask("real") if ctx.tracker is not None else None, extra=has_comp.float())
+        attended = seen & (keep[:, None, None, :] | ~compressed)  # [B, H, Q, K] retrieval heads see every key
+        self.account.add(ctx.layer, attended, seen, None, ctx.query_mask("real") if ctx.tracker is not None else None,
+                         extra=(has_comp[:, None] & compressed.view(1, H)).float())  # [B, H] compensation token
         return q, k, v, torch.cat([cache_bias, comp_bias], dim=-1)  # bias [B, H, 1, K+1]
 
     def kv_fraction(self, prompt_len: int, generated: int = 0) -> float:
