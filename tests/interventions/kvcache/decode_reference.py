@@ -9,6 +9,7 @@ the method wants (compacted positions), using the model's rotary-embedding modul
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from unittest import mock
@@ -35,7 +36,7 @@ def reference_run(model, ids, fn, new_tokens: int, raw_rope: bool = False):
     ref.set_attn_implementation(name)
     module = type(ref.model.layers[0].self_attn).__module__
     patcher = mock.patch(f"{module}.apply_rotary_pos_emb", lambda q, k, cos, sin, *a, **kw: (q, k)) if raw_rope \
-        else mock.patch.object(torch, "__name__", torch.__name__)
+        else contextlib.nullcontext()
     with patcher, torch.no_grad():
         out = ref.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
                            return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
