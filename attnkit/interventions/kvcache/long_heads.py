@@ -21,8 +21,11 @@ to label, which also gives up the method's purpose (staying within ``atten_lengt
 layers (Gemma-3's local layers) are left alone. GQA: the chunk summaries and selections are per query head (the
 release is MHA only; attnkit reads each query head's KV head).
 
-Simulation: decode rows are recomputed over the gathered keys (``edit_output``); :attr:`LongHeads.account` counts
-the keys each decode step attends.
+Simulation (``edit_kv``, one attention pass on every backend): at a decode step every head's selected keys are moved
+to their compacted positions (post-RoPE keys re-rotated by ``position − original``; ``k``/``v`` expanded to the query
+heads since every head has its own selection), the others get ``−∞``, and the query moves to ``R − 1``.
+:attr:`LongHeads.account` counts the keys each decode step attends. One new token per decode call (as ``generate``
+runs it).
 
 Example:
     >>> import torch, attnkit
@@ -42,7 +45,7 @@ import torch
 
 from attnkit.interventions.base import Intervention, register_intervention
 from attnkit.interventions.kvcache._sparse import KeyAccount, check_int, expand_kv, full_attention_layers, \
-    gathered_attention, key_rope_positions, real_keys, scaling_of, softcap_of, visible
+    key_rope_positions, real_keys, scaling_of
 from attnkit.rope import Rotary, rotary_for
 from attnkit.targets import Target
 
@@ -145,38 +148,28 @@ class LongHeads(Intervention):
             state["pending"][b] = torch.cat([state["pending"][b], ctx.query[b][:, picked]], dim=1)
             self._summarise(ctx, b, state, real[b].nonzero().flatten(), pos)
 
-    # ---- one decode row ----------------------------------------------------------------------------------------------
-    def _row(self, ctx, b: int, row: int, state: dict, real: torch.Tensor, pos: torch.Tensor):
-        """Output ``[H, D]`` and kept slots ``[H, S]`` of call row ``row`` of sample ``b``, or None (full)."""
+    # ---- one decode step ------------------------------------------------------------------------------------------
+    def _select(self, ctx, b: int, state: dict, real: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+        """Kept slots ``[H, S]`` (sorted; ``S = (k_c−1)·w + N mod w``) of sample ``b``'s decode query, or None when
+        every chunk fits (full attention at the original positions)."""
         w, H = self.window_size, ctx.num_heads
-        slot = ctx.k_len - ctx.q_len + row
+        slot = ctx.k_len - 1
         real_slots = real[b, : slot + 1].nonzero().flatten()  # [N] the current token included
-        n = real_slots.numel()
-        g, rest = divmod(n, w)
+        g, rest = divmod(real_slots.numel(), w)
         if g <= self.k_c - 1:
             return None
         rot = self._rot(ctx.layer)
-        q = ctx.query[b, :, row:row + 1]  # [H, 1, D]
+        q = ctx.query[b, :, -1:]  # [H, 1, D]
         q_raw = rot.unrotate(q, pos[b, slot].view(1, 1).expand(H, 1))[:, 0].float()  # [H, D]
         summaries = torch.stack(state["summaries"][b][1:g - 1], dim=1)  # [H, g-2, D] middle chunks
         chosen = select_chunks(torch.einsum("hd,hcd->hc", q_raw, summaries), g, rest > 0, self.k_c)  # [H, n_c]
-        offsets = torch.arange(w, device=q.device)
-        token_idx = (chosen[..., None] * w + offsets).flatten(1)  # [H, n_c*w] real-token indices
+        token_idx = (chosen[..., None] * w + torch.arange(w, device=q.device)).flatten(1)  # [H, n_c*w]
         token_idx = token_idx[:, : (self.k_c - 1) * w + rest] if rest > 0 else token_idx  # the partial chunk
-        kept = real_slots[token_idx]  # [H, S]
-        k = expand_kv(ctx.key[b:b + 1], H)[0]  # [H, K, D]
-        v = expand_kv(ctx.value[b:b + 1], H)[0]
-        k = torch.gather(k, 1, kept[..., None].expand(-1, -1, k.shape[-1]))  # [H, S, D]
-        v = torch.gather(v, 1, kept[..., None].expand(-1, -1, v.shape[-1]))
-        if self.positions == "compact":
-            S = kept.shape[1]
-            k = rot.shift(k, (torch.arange(S, device=q.device)[None] - pos[b][kept]).float())
-            q = rot.shift(q, torch.full((H, 1), float(S - 1) - float(pos[b, slot]), device=q.device))
-        allowed = torch.ones(1, 1, 1, kept.shape[1], dtype=torch.bool, device=q.device)
-        out = gathered_attention(q[None], k[None], v[None], allowed, scaling=scaling_of(ctx), softcap=softcap_of(ctx))
-        return out[0, :, 0], kept
+        return real_slots[token_idx]  # [H, S]
 
-    def edit_output(self, out, ctx):
+    def edit_kv(self, q, k, v, ctx):
+        """Decode steps: every head's keys moved to their compacted positions (``Rotary.shift``), its unselected keys
+        ``−∞``, and the query moved to ``R − 1``; the backend then attends once."""
         state = ctx.state
         real = real_keys(ctx)  # [B, K]
         pos = key_rope_positions(ctx)  # [B, K]
@@ -187,23 +180,34 @@ class LongHeads(Intervention):
                                  f"{self.begin_selective_length}; the selective prefill beyond it is not simulated "
                                  "(raise begin_selective_length)")
             state["summaries"] = [[] for _ in range(ctx.batch)]
-            state["pending"] = [ctx.query.new_zeros(ctx.num_heads, 0, ctx.query.shape[-1]) for _ in range(ctx.batch)]
+            state["pending"] = [q.new_zeros(ctx.num_heads, 0, q.shape[-1]) for _ in range(ctx.batch)]
             self._remember(ctx, state, real, pos)
-            return out
-        out = out.clone()
-        keep = torch.zeros(ctx.batch, ctx.num_heads, ctx.q_len, ctx.k_len, dtype=torch.bool, device=ctx.device)
-        first_row = ctx.k_len - ctx.q_len
-        for row in range(ctx.q_len):
-            for b in range(ctx.batch):
-                if not bool(real[b, first_row + row]):
-                    continue
-                result = self._row(ctx, b, row, state, real, pos)
-                if result is None:
-                    keep[b, :, row, : first_row + row + 1] = True
-                else:
-                    out[b, :, row] = result[0].to(out.dtype)
-                    keep[b, :, row].scatter_(-1, result[1], True)  # [H, K] view of keep
-            self._remember(ctx, state, real, pos, rows=slice(row, row + 1))
-        self.account.add(ctx.layer, keep, visible(ctx), ctx.heads,
+            return None
+        if ctx.q_len != 1:
+            raise ValueError(f"long-heads simulates one new token per decode call (as generate runs it); this call "
+                             f"has {ctx.q_len}")
+        B, H, K = ctx.batch, ctx.num_heads, ctx.k_len
+        rot = self._rot(ctx.layer)
+        k_new, v_new = expand_kv(k, H).clone(), expand_kv(v, H)  # [B, H, K, D]
+        q_new = q.clone()
+        keep = torch.zeros(B, H, 1, K, dtype=torch.bool, device=q.device)
+        for b in range(B):
+            if not bool(real[b, -1]):
+                keep[b] = True
+                continue
+            kept = self._select(ctx, b, state, real, pos)
+            if kept is None:
+                keep[b, :, 0] = real[b]
+                continue
+            keep[b, :, 0].scatter_(-1, kept, True)  # [H, K] view
+            S = kept.shape[1]
+            if self.positions == "compact":
+                shift = torch.zeros(H, K, device=q.device)
+                shift.scatter_(-1, kept, (torch.arange(S, device=q.device)[None] - pos[b][kept]).float())
+                k_new[b] = rot.shift(k_new[b], shift)
+                q_new[b] = rot.shift(q[b], torch.full((H, 1), float(S - 1) - float(pos[b, -1]), device=q.device))
+        self._remember(ctx, state, real, pos)
+        self.account.add(ctx.layer, keep, (real[:, None, None, :]), ctx.heads,
                          ctx.query_mask("real") if ctx.tracker is not None else None)
-        return out
+        bias = torch.zeros(keep.shape, device=q.device).masked_fill(~keep, float("-inf"))  # [B, H, 1, K]
+        return q_new, k_new, v_new, bias
