@@ -29,10 +29,21 @@ def test_worked_examples():
     assert [round(sizes[i], 4) for i in (0, 10, 24, 49)] == [20.0, 18.9521, 17.3793, 14.1421]
 
 
+def attend_and_excite_smoothing():
+    """diffusers' own GaussianSmoothing: the pipeline moved under ``deprecated`` in diffusers 0.36."""
+    import importlib
+
+    for package in ("diffusers.pipelines.deprecated", "diffusers.pipelines"):
+        name = f"{package}.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite"
+        try:
+            return importlib.import_module(name).GaussianSmoothing
+        except ModuleNotFoundError:
+            continue
+    raise AssertionError("diffusers has no Attend-and-Excite pipeline to compare against")
+
+
 def test_smoothing_matches_diffusers_attend_and_excite():
-    from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite import (  # noqa: E501
-        GaussianSmoothing,
-    )
+    GaussianSmoothing = attend_and_excite_smoothing()
 
     reference = GaussianSmoothing()
     torch.testing.assert_close(gaussian_kernel(3, 0.5), reference.weight[0, 0])
