@@ -10,8 +10,9 @@ three fused calls, each returning ``(out, lse)``:
   query when the queries are a suffix (``Q < K``);
 * queries after it: one non-causal call on the whole segment.
 
-Segments shorter than :data:`TINY` keys (scattered sink tokens, a BOS token) are not worth a fused call: their keys
-are gathered per group and computed explicitly, ``[H, C, S]`` scores for a chunk of ``C`` queries and ``S`` such keys.
+Segments shorter than :data:`TINY` keys (scattered sink tokens, a BOS token) are not worth a fused call: the keys of
+all such groups are gathered and computed explicitly in one pass, ``[H, C, S]`` scores for a chunk of ``C`` queries
+and ``S`` such keys, kept factored (:class:`ExplicitBlock`) until the groups are combined.
 
 Partials of one group from several calls are merged by log-sum-exp only where their query rows overlap; the first
 partial of a row range is copied. Work is about one causal attention pass in total, plus the masked gap columns.
@@ -34,8 +35,8 @@ import torch
 
 from attnkit.kernels.masks import query_chunk
 
-__all__ = ["plan_segments", "sample_partials", "GroupPieces", "attention_lse", "merge_partial", "TINY",
-           "MERGE_GAP"]
+__all__ = ["plan_segments", "sample_partials", "GroupPieces", "ExplicitBlock", "attention_lse", "merge_partial",
+           "TINY", "MERGE_GAP"]
 
 #: segments with fewer keys than this are computed explicitly (gathered keys), not by fused calls
 TINY = 16
@@ -205,6 +206,39 @@ def segment_calls(start: int, end: int, Q: int, K: int, causal: bool):
 # --------------------------------------------------------------------------------------------------------
 # running one sample
 # --------------------------------------------------------------------------------------------------------
+class ExplicitBlock:
+    """The tiny groups' partials for a block of query rows, kept factored: ``e [H,r,S]`` the unnormalised
+    probabilities (one shared row maximum) over the ``S`` gathered keys of those groups, ``v [Hkv,S,D]`` their
+    values, ``slot [S]`` each key's position in ``groups``, ``z [H,r,G_e]`` the per-group sums and ``lse [H,r,G_e]``.
+    ``O_g = (e · [slot = g]) @ v / z_g``; a weighted sum over the groups is one product ``(e · w_slot / z_slot) @ v``.
+    """
+
+    def __init__(self, e, v, slot, groups, z, lse):
+        self.e, self.v, self.slot, self.groups, self.z, self.lse = e, v, slot, groups, z, lse
+
+    def rows(self, lo: int, hi: int) -> "ExplicitBlock":
+        return ExplicitBlock(self.e[:, lo:hi], self.v, self.slot, self.groups, self.z[:, lo:hi], self.lse[:, lo:hi])
+
+    def _product(self, key_scale: torch.Tensor) -> torch.Tensor:
+        """``(e · key_scale) @ v`` → ``[H,r,D]``; ``key_scale`` broadcastable to ``e``."""
+        H, r, S = self.e.shape
+        Hkv = self.v.shape[0]
+        scaled = (self.e * key_scale).reshape(Hkv, (H // Hkv) * r, S)  # [Hkv, R*r, S]
+        return torch.matmul(scaled, self.v).view(H, r, -1)
+
+    def _inverse_z(self) -> torch.Tensor:
+        return torch.where(self.z > 0, self.z, 1.0).reciprocal()  # [H,r,G_e]; groups with z = 0 have e = 0
+
+    def output(self, i: int) -> torch.Tensor:
+        """``O`` of the i-th group ``[H,r,D]``."""
+        return self._product((self.slot == i).to(self.e.dtype) * self._inverse_z()[..., i:i + 1])
+
+    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+        """``Σ_i w_{g_i} O_{g_i}`` → ``[H,r,D]`` for the rows' group weights ``w [H,r,G]``."""
+        per_group = w[..., self.groups] * self._inverse_z()  # [H,r,G_e]
+        return self._product(per_group.index_select(-1, self.slot))  # [H,r,S] key scales
+
+
 class GroupPieces:
     """Per-group partials of a batch kept as the pieces the fused calls returned, without a ``[B,H,Q,G,D]`` buffer.
 
@@ -225,7 +259,15 @@ class GroupPieces:
         self.shape = (B, H, Q, G, D)
         self.lse = torch.full((B, G, H, Q), float("-inf"), dtype=torch.float32, device=device)  # [B,G,H,Q]
         self.pieces: dict[tuple[int, int], list] = {}  # (b, g) -> [[r0, r1, out [H,r,D]], ...] sorted by r0
+        self.blocks: list[tuple] = []  # (b, r0, r1, ExplicitBlock): tiny groups of one sample, kept factored
         self.device = device
+
+    def add_block(self, b: int, r0: int, r1: int, block: "ExplicitBlock") -> None:
+        """Add the tiny groups' partials of rows ``[r0, r1)`` of sample ``b`` (no other partial of those groups may
+        cover these rows: :func:`sample_partials` sends groups that also have segments through :meth:`add`)."""
+        self.blocks.append((b, r0, r1, block))
+        for i, g in enumerate(block.groups):
+            self.lse[b, g, :, r0:r1] = block.lse[..., i]
 
     def add(self, b: int, g: int, r0: int, r1: int, out: torch.Tensor, lse: torch.Tensor) -> None:
         """Add the partial ``out [H,r,D]``, ``lse [H,r]`` of rows ``[r0, r1)`` of group ``g`` of sample ``b``."""
@@ -259,6 +301,9 @@ class GroupPieces:
         for (b, g), have in self.pieces.items():
             for r0, r1, piece in have:
                 out[b, g, :, r0:r1] = piece
+        for b, r0, r1, block in self.blocks:
+            for i, g in enumerate(block.groups):
+                out[b, g, :, r0:r1] = block.output(i)
         return out.permute(0, 2, 3, 1, 4)
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
@@ -273,6 +318,14 @@ class GroupPieces:
                         part, wg, dst = piece[:, lo - r0:hi - r0], w[b, :, lo:hi, g, None], num[b, :, lo:hi]
                         dst.addcmul_(part, wg) if seen else torch.mul(part, wg, out=dst)
                     covered.append((r0, r1))
+            for bb, r0, r1, block in self.blocks:
+                if bb != b:
+                    continue
+                for lo, hi, seen in _split(r0, r1, covered):
+                    prod = block.rows(lo - r0, hi - r0).weighted(w[b, :, lo:hi])  # [H,r,D]
+                    dst = num[b, :, lo:hi]
+                    dst.add_(prod) if seen else dst.copy_(prod)
+                covered.append((r0, r1))
             for lo, hi, seen in _split(0, Q, covered):
                 if not seen:
                     num[b, :, lo:hi] = 0.0
@@ -299,14 +352,20 @@ def _column_bias(member: torch.Tensor | None, k0: int, k1: int, start: int, dtyp
     return bias.view(1, 1, 1, -1), int(part.to(torch.uint8).argmax())
 
 
-def _explicit_partial(qb, kb, vb, idx: torch.Tensor, causal: bool, scale: float, add) -> None:
-    """Partials of one group over its gathered keys ``idx [S]`` for every query that sees one of them, handed to
-    ``add(r0, r1, out [H,r,D], lse [H,r])``. qb ``[H,Q,D]``, kb/vb ``[Hkv,K,D]`` of one sample (query head h reads
-    K/V head ``h // (H // Hkv)``)."""
+def _explicit_partials(qb, kb, vb, explicit: dict, causal: bool, scale: float, pieces: GroupPieces, b: int,
+                       merge_groups: set) -> None:
+    """Partials of every tiny group of one sample from their gathered keys, one score pass for all of them, for
+    every query that sees one of them. qb ``[H,Q,D]``, kb/vb ``[Hkv,K,D]`` (query head h reads K/V head
+    ``h // (H // Hkv)``). Groups in ``merge_groups`` also have segments: their partials are merged into those."""
     H, Q, D = qb.shape
     Hkv, K = kb.shape[0], kb.shape[1]
     R, P0 = H // Hkv, K - Q
-    idx = idx.to(qb.device)
+    groups = sorted(explicit)
+    idx = torch.cat([explicit[g] for g in groups]).to(qb.device)  # [S]
+    slot = torch.cat([torch.full((explicit[g].numel(),), i, dtype=torch.long) for i, g in enumerate(groups)])
+    idx, order = idx.sort()
+    slot = slot[order].to(qb.device)  # [S] index into `groups`
+    member = slot[None, :] == torch.arange(len(groups), device=qb.device)[:, None]  # [G_e,S]
     r0 = max(0, int(idx[0]) - P0) if causal else 0
     if r0 >= Q:
         return
@@ -321,10 +380,27 @@ def _explicit_partial(qb, kb, vb, idx: torch.Tensor, causal: bool, scale: float,
             s = s.masked_fill_(idx[None, :] > qpos[:, None], float("-inf"))
         top = s.amax(dim=-1, keepdim=True)  # [H,C,1]
         e = s.sub_(top.masked_fill_(torch.isneginf(top), 0.0)).exp_()  # [H,C,S]; 0 on masked keys
-        z = e.sum(dim=-1)  # [H,C]
-        out = torch.matmul(e.view(Hkv, R * (c1 - c0), -1), v_e).view(H, c1 - c0, D)  # [H,C,D]
-        out = out.div_(torch.where(z > 0, z, 1.0).unsqueeze(-1))  # 0 on rows that see none
-        add(c0, c1, out, torch.log(z) + top[..., 0])  # lse [H,C]: -inf on rows that see none
+        z = torch.matmul(e, member.T.to(e.dtype))  # [H,C,G_e] per-group sums
+        lse = torch.log(z) + top  # [H,C,G_e]; -inf for a group the row does not see
+        block = ExplicitBlock(e, v_e, slot, groups, z, lse)
+        if merge_groups:
+            for i, g in enumerate(groups):
+                if g in merge_groups:
+                    pieces.add(b, g, c0, c1, block.output(i), lse[..., i])
+            keep = [i for i, g in enumerate(groups) if g not in merge_groups]
+            if not keep:
+                continue
+            block = _subset(block, keep)
+        pieces.add_block(b, c0, c1, block)
+
+
+def _subset(block: ExplicitBlock, keep: list[int]) -> ExplicitBlock:
+    """The block restricted to the groups at positions ``keep``."""
+    keys = torch.isin(block.slot, torch.tensor(keep, device=block.slot.device))
+    remap = torch.full((len(block.groups),), -1, dtype=torch.long, device=block.slot.device)
+    remap[keep] = torch.arange(len(keep), device=block.slot.device)
+    return ExplicitBlock(block.e[..., keys], block.v[:, keys], remap[block.slot[keys]], [block.groups[i] for i in keep],
+                         block.z[..., keep], block.lse[..., keep])
 
 
 def sample_partials(qb, kb, vb, runs, pieces: GroupPieces, b: int, *, scale: float, causal: bool,
@@ -346,6 +422,6 @@ def sample_partials(qb, kb, vb, runs, pieces: GroupPieces, b: int, *, scale: flo
             if is_causal and first > 0:  # rows before the first key of the group see nothing in this block
                 o[:, :first], l[:, :first] = 0.0, float("-inf")
             pieces.add(b, seg.group, r0, r1, o, l)
-    for g, idx in plan.explicit.items():
-        _explicit_partial(qb[0], kb[0], vb[0], idx, causal, scale,
-                          lambda r0, r1, o, l, g=g: pieces.add(b, g, r0, r1, o, l))
+    if plan.explicit:
+        with_segments = {seg.group for seg in plan.segments} & set(plan.explicit)
+        _explicit_partials(qb[0], kb[0], vb[0], plan.explicit, causal, scale, pieces, b, with_segments)

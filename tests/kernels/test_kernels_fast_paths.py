@@ -77,22 +77,43 @@ def test_plan_merges_runs_across_short_gaps_and_gathers_tiny_groups():
     assert image.member.tolist().count(False) == 1 and not image.member[90 - 41]
 
 
-@pytest.mark.parametrize("layout", ["scattered_sinks", "alternating_blocks", "one_group"])
-@pytest.mark.parametrize("case", ["prefill", "chunked_prefill", "gqa", "left_padding"])
-def test_span_path_matches_reference_for_layouts(case, layout):
-    q, k, v, _, kw = make_case(case)
-    B, K = q.shape[0], k.shape[2]
+LAYOUTS = ["scattered_sinks", "alternating_blocks", "one_group", "many_tiny_groups", "segment_and_tiny_run"]
+
+
+def _layout(layout: str, B: int, K: int) -> tuple[torch.Tensor, int]:
+    """Group ids ``[B, K]`` and the number of groups for a key layout."""
     groups = torch.zeros(B, K, dtype=torch.long)
+    G = 3
     if layout == "scattered_sinks":
         groups[:, K // 4: 3 * K // 4] = 2
         groups[:, [0, K // 3, K // 3 + 1, K // 2]] = 1
     elif layout == "alternating_blocks":
         for start in range(0, K, 10):
             groups[:, start:start + 5] = 1 + (start // 10) % 2
+    elif layout == "many_tiny_groups":  # ACT: one group per sink pattern, one to three keys each
+        G = 6
+        for g, cols in enumerate([[0], [3, 4], [K // 3], [K // 2, K // 2 + 2], [K - 2]], start=1):
+            groups[:, cols] = g
+    elif layout == "segment_and_tiny_run":  # group 2: a long segment and one far key (merged into its partials)
+        groups[:, 2:K // 2] = 2
+        groups[:, K - 3] = 2
+        groups[:, 1] = 1
+    return groups, G
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", ["prefill", "chunked_prefill", "gqa", "left_padding"])
+def test_span_path_matches_reference_for_layouts(case, layout):
+    q, k, v, _, kw = make_case(case)
+    groups, G = _layout(layout, q.shape[0], k.shape[2])
     runs = grouped.group_runs(groups, kw.get("key_padding"))
-    out_g, lse_g = grouped._span_group_partials(q, k, v, runs, 3, scale=SCALE, causal=kw.get("causal", True))
-    r_out, r_lse = ref.group_partials(q, k, v, groups, 3, SCALE, **kw)
+    out_g, lse_g = grouped._span_group_partials(q, k, v, runs, G, scale=SCALE, causal=kw.get("causal", True))
+    r_out, r_lse = ref.group_partials(q, k, v, groups, G, SCALE, **kw)
     assert ref.rel_err(out_g, r_out) < TOL and ref.rel_err(lse_g, r_lse) < TOL
+    pieces, lse_p = grouped._span_group_partials(q, k, v, runs, G, scale=SCALE, causal=kw.get("causal", True),
+                                                 materialise=False)
+    factors = torch.rand(*lse_p.shape, generator=torch.Generator().manual_seed(5)) + 0.1
+    assert ref.rel_err(combine_groups(pieces, lse_p, factors), combine_groups(r_out, r_lse, factors.double())) < TOL
 
 
 @pytest.mark.parametrize("case", ["prefill", "chunked_prefill", "gqa", "left_padding"])
