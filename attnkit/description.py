@@ -28,7 +28,10 @@ FEATURES = {
     "denoiser": "a diffusers denoiser (a pipeline, UNet or diffusion transformer)",
     "pipeline": "a diffusers pipeline (with its tokenizer and scheduler), not a bare denoiser",
     "cross_attention": "cross-attention from image latents to text tokens (UNet, PixArt)",
-    "joint_attention": "joint text-image attention (SD3, Flux)",
+    "joint_attention": "joint text-image attention (SD3, Flux, CogVideoX)",
+    "video": "a video denoiser (AnimateDiff motion UNet, a text-to-video UNet, or a video transformer such as CogVideoX)",
+    "temporal_attention": "temporal attention modules (each spatial location attends across frames: AnimateDiff, "
+                          "ModelScope/zeroscope)",
 }
 
 

@@ -67,6 +67,10 @@ def entries_for(iv, description, site_index: dict) -> list[tuple]:
         site = site_index.get((component.name, layer))
         if site is None or not iv.target.matches_module(site.qualname):
             continue
+        if iv.target.heads is None or iv.target.heads == "all":
+            heads = list(range(site.num_heads))  # every head of this site (diffusers layers differ: SDXL, motion)
+        elif max(heads, default=-1) >= site.num_heads:
+            raise PlanError(f"{iv.name}: head {max(heads)} does not exist in {site.qualname} ({site.num_heads} heads)")
         head_mask = torch.zeros(site.num_heads, dtype=torch.bool)  # [H]
         head_mask[heads] = True
         found.append((site, PlanEntry(iv, head_mask)))

@@ -257,7 +257,13 @@ def _llava_next_pixels(model, batch, g):
 
 
 # ---- diffusers -------------------------------------------------------------------------------------------------
-DIFFUSION_FAMILIES = ("unet", "sd3", "flux", "pixart", "dit")
+IMAGE_DENOISERS = ("unet", "sd3", "flux", "pixart", "dit")
+#: video denoisers: the AnimateDiff motion UNet (spatial attention per frame, temporal attention per location) and
+#: CogVideoX (one joint [text; video] attention over every frame)
+VIDEO_DENOISERS = ("animatediff", "cogvideox")
+DIFFUSION_FAMILIES = IMAGE_DENOISERS + VIDEO_DENOISERS
+#: frames of the tiny video inputs (AnimateDiff: latent frames; CogVideoX: latent frames after 4x compression)
+TINY_FRAMES = {"animatediff": 4, "cogvideox": 3}
 
 
 def tiny_denoiser(family: str = "unet", seed: int = 0):
@@ -286,13 +292,43 @@ def tiny_denoiser(family: str = "unet", seed: int = 0):
         model = diffusers.DiTTransformer2DModel(
             sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2, in_channels=4, out_channels=8,
             patch_size=2, num_embeds_ada_norm=10)
+    elif family == "animatediff":
+        model = diffusers.UNetMotionModel.from_unet2d(_tiny_unet2d_for_motion(), _tiny_motion_adapter())
+    elif family == "cogvideox":
+        model = diffusers.CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+            text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=True)
     else:
         raise KeyError(f"unknown tiny diffusion family {family!r}; choose from {DIFFUSION_FAMILIES}")
     return model.eval()
 
 
+def _tiny_unet2d_for_motion():
+    """The image UNet an AnimateDiff motion UNet is inflated from: three blocks, so that ``up_blocks.1`` and
+    ``up_blocks.2`` both hold spatial and temporal (motion) attention."""
+    import diffusers
+
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 32, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=4, norm_num_groups=32)
+
+
+def _tiny_motion_adapter():
+    import diffusers
+
+    return diffusers.MotionAdapter(block_out_channels=(32, 32, 32), motion_layers_per_block=1,
+                                   motion_norm_num_groups=32, motion_num_attention_heads=2, motion_max_seq_length=16,
+                                   use_motion_mid_block=False)
+
+
 def denoiser_inputs(family: str, batch: int = 2, seed: int = 0) -> dict:
-    """Random inputs for :func:`tiny_denoiser` (text length 5)."""
+    """Random inputs for :func:`tiny_denoiser` (text length 5; video families :data:`TINY_FRAMES` frames).
+
+    AnimateDiff's motion UNet takes the text per frame (``encoder_hidden_states [B·F, T, C]``), as its pipeline
+    passes it."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     t = torch.tensor([10] * batch)
@@ -309,18 +345,58 @@ def denoiser_inputs(family: str, batch: int = 2, seed: int = 0) -> dict:
                     added_cond_kwargs={"resolution": None, "aspect_ratio": None})
     if family == "dit":
         return dict(hidden_states=rand(batch, 4, 8, 8), timestep=t, class_labels=torch.tensor([1] * batch))
+    if family == "animatediff":
+        frames = TINY_FRAMES[family]
+        text = rand(batch, 5, 32)
+        return dict(sample=rand(batch, 4, frames, 8, 8), timestep=t,
+                    encoder_hidden_states=text.repeat_interleave(frames, dim=0))  # [B·F, T, C]
+    if family == "cogvideox":
+        return dict(hidden_states=rand(batch, TINY_FRAMES[family], 4, 8, 8), timestep=t,
+                    encoder_hidden_states=rand(batch, 5, 32))
     raise KeyError(family)
 
 
-def tiny_sd_pipeline(seed: int = 0):
-    """A tiny StableDiffusionPipeline assembled offline (random weights, in-memory CLIP tokenizer)."""
-    import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def sample_inputs(family: str, inputs: dict, b: int, batch: int) -> dict:
+    """The inputs of sample ``b`` alone, cut from a batch of ``batch`` made by :func:`denoiser_inputs` (batched
+    tensors are sliced; AnimateDiff's per-frame text takes that sample's frames).
 
-    words = ["a", "cat", "dog", "photo", "of", "red", "blue", "car", "on", "the", "grass", "sky"]
+    Example:
+        >>> one = sample_inputs("animatediff", denoiser_inputs("animatediff"), 1, 2)
+        >>> one["sample"].shape[0], one["encoder_hidden_states"].shape[0]
+        (1, 4)
+    """
+    frames = TINY_FRAMES.get(family, 1) if family == "animatediff" else 1
+    one = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
+            one[key] = value[b:b + 1]
+        elif isinstance(value, torch.Tensor) and value.dim() and frames > 1 and value.shape[0] == batch * frames:
+            one[key] = value[b * frames:(b + 1) * frames]
+        else:
+            one[key] = value
+    return one
+
+
+#: the words the tiny tokenizer knows as whole tokens (anything else falls back to characters or <unk>)
+TINY_WORDS = ["a", "cat", "dog", "photo", "of", "red", "blue", "car", "on", "the", "grass", "sky"]
+
+
+def tiny_clip_tokenizer(max_length: int = 8):
+    """An in-memory CLIP tokenizer whose vocabulary holds :data:`TINY_WORDS` as single tokens (BPE merges build each
+    word left to right). The T5-based tiny pipelines use it too: they only call it like a tokenizer.
+
+    Example:
+        >>> tiny_clip_tokenizer()("a red cat")["input_ids"][:5]
+        [0, 3, 28, 8, 1]
+    """
+    import json
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "<unk>": 2}
     merges = []
-    for w in words:  # BPE merges that build each word left to right, so whole words become single tokens
+    for w in TINY_WORDS:  # BPE merges that build each word left to right, so whole words become single tokens
         pieces = list(w[:-1]) + [w[-1] + "</w>"]
         for piece in pieces:
             vocab.setdefault(piece, len(vocab))
@@ -330,25 +406,150 @@ def tiny_sd_pipeline(seed: int = 0):
                 merges.append(f"{current} {piece}")
             current += piece
             vocab.setdefault(current, len(vocab))
-    import json
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file = f"{tmp}/vocab.json", f"{tmp}/merges.txt"
-        json.dump(vocab, open(vocab_file, "w"))
-        open(merges_file, "w").write("#version: 0.2\n" + "\n".join(merges) + "\n")
-        tokenizer = CLIPTokenizer(vocab_file, merges_file, model_max_length=8, pad_token="<|endoftext|>")
+        with open(vocab_file, "w") as f:
+            json.dump(vocab, f)
+        with open(merges_file, "w") as f:
+            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer(vocab_file, merges_file, model_max_length=max_length, pad_token="<|endoftext|>")
+
+
+def _clip_text_encoder(vocab_size: int, hidden: int = 32, projection: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=8, bos_token_id=0,
+                            eos_token_id=1, pad_token_id=1, projection_dim=projection or hidden)
+    return (CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)).eval()
+
+
+def _t5_text_encoder(vocab_size: int, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_ff=2 * d_model, d_kv=8, num_layers=2,
+                                   num_heads=2, relative_attention_num_buckets=8, pad_token_id=1,
+                                   decoder_start_token_id=0)).eval()
+
+
+def _tiny_vae(latent_channels: int = 4, **config):
+    import diffusers
+
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                                   block_out_channels=(32,), down_block_types=("DownEncoderBlock2D",),
+                                   up_block_types=("UpDecoderBlock2D",), norm_num_groups=32, sample_size=8,
+                                   **config).eval()
+
+
+def tiny_sd_pipeline(seed: int = 0):
+    """A tiny StableDiffusionPipeline assembled offline (random weights, in-memory CLIP tokenizer)."""
+    import diffusers
+
+    tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=8,
-                                                bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    text_encoder = _clip_text_encoder(len(tokenizer))
     unet = tiny_denoiser("unet", seed=seed)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,),
-                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                                  norm_num_groups=32, sample_size=8).eval()
+    vae = _tiny_vae()
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=100, steps_offset=1, clip_sample=False)
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+#: tiny pipelines by family; every one is built offline with random weights (pictures show mechanics, not quality)
+PIPELINE_FAMILIES = ("sd", "sd3", "flux", "pixart", "animatediff", "cogvideox")
+
+
+def tiny_pipeline(family: str = "sd", seed: int = 0):
+    """A tiny diffusers pipeline of ``family`` (see :data:`PIPELINE_FAMILIES`), random weights, built offline:
+
+    * ``sd``: StableDiffusionPipeline (UNet, DDIM, 100 training steps), 8×8 images ↔ 8×8 latents (the tiny VAEs
+      do not downsample);
+    * ``sd3``: StableDiffusion3Pipeline (joint attention, flow matching; two CLIP encoders, no T5);
+    * ``flux``: FluxPipeline (joint + single-stream attention, flow matching; CLIP + T5);
+    * ``pixart``: PixArtAlphaPipeline (DiT with cross-attention, T5, DDIM);
+    * ``animatediff``: AnimateDiffPipeline (motion UNet, DDIM), 8×8 frames;
+    * ``cogvideox``: CogVideoXPipeline (joint [text; video] attention, v-prediction DDIM, 2x spatial and 4x temporal
+      VAE compression), 16×16 frames.
+
+    Example:
+        >>> pipe = tiny_pipeline("animatediff")
+        >>> type(pipe).__name__, type(pipe.unet).__name__
+        ('AnimateDiffPipeline', 'UNetMotionModel')
+    """
+    import diffusers
+
+    if family == "sd":
+        return tiny_sd_pipeline(seed)
+    tokenizer = tiny_clip_tokenizer()
+    vocab = len(tokenizer)
+    torch.manual_seed(seed)
+    if family == "sd3":
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=tiny_denoiser("sd3", seed=seed), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+            vae=_tiny_vae(shift_factor=0.0, scaling_factor=1.0), text_encoder=_clip_text_encoder(vocab, 16, 8),
+            tokenizer=tokenizer, text_encoder_2=_clip_text_encoder(vocab, 16, 8), tokenizer_2=tiny_clip_tokenizer(),
+            text_encoder_3=None, tokenizer_3=None)
+    elif family == "flux":
+        pipe = diffusers.FluxPipeline(
+            transformer=tiny_denoiser("flux", seed=seed), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+            vae=_tiny_vae(shift_factor=0.0, scaling_factor=1.0), text_encoder=_clip_text_encoder(vocab, 16),
+            tokenizer=tokenizer, text_encoder_2=_t5_text_encoder(vocab), tokenizer_2=tiny_clip_tokenizer())
+    elif family == "pixart":
+        pipe = diffusers.PixArtAlphaPipeline(
+            tokenizer=tokenizer, text_encoder=_t5_text_encoder(vocab), vae=_tiny_vae(),
+            transformer=tiny_denoiser("pixart", seed=seed),
+            scheduler=diffusers.DDIMScheduler(num_train_timesteps=100, steps_offset=1, clip_sample=False))
+    elif family == "animatediff":
+        unet2d = _tiny_unet2d_for_motion()
+        pipe = diffusers.AnimateDiffPipeline(
+            vae=_tiny_vae(), text_encoder=_clip_text_encoder(vocab), tokenizer=tokenizer, unet=unet2d,
+            motion_adapter=_tiny_motion_adapter(),
+            scheduler=diffusers.DDIMScheduler(num_train_timesteps=100, steps_offset=1, clip_sample=False,
+                                              beta_schedule="linear"))
+    elif family == "cogvideox":
+        vae = diffusers.AutoencoderKLCogVideoX(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+            down_block_types=("CogVideoXDownBlock3D",) * 2, up_block_types=("CogVideoXUpBlock3D",) * 2,
+            norm_num_groups=2, temporal_compression_ratio=4).eval()
+        pipe = diffusers.CogVideoXPipeline(
+            tokenizer=tokenizer, text_encoder=_t5_text_encoder(vocab), vae=vae,
+            transformer=tiny_denoiser("cogvideox", seed=seed),
+            scheduler=diffusers.CogVideoXDDIMScheduler(num_train_timesteps=100, prediction_type="v_prediction",
+                                                       timestep_spacing="trailing", clip_sample=False,
+                                                       set_alpha_to_one=True, rescale_betas_zero_snr=True))
+    else:
+        raise KeyError(f"unknown tiny pipeline family {family!r}; choose from {PIPELINE_FAMILIES}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def latent_blind(pipe):
+    """Make ``pipe``'s denoiser ignore its latent input (replaced by a fixed random pattern of the same shape), so its
+    output depends on the timestep and the text only. Under this hook DDIM inversion is the exact inverse of the
+    sampler, which is how attnkit tests reconstruction without real weights. Returns the hook (``.remove()`` it).
+
+    Example:
+        >>> pipe = tiny_pipeline("sd")
+        >>> hook = latent_blind(pipe)
+        >>> t, text = torch.tensor(5), torch.zeros(1, 8, 32)
+        >>> a = pipe.unet(torch.zeros(1, 4, 8, 8), t, text).sample
+        >>> torch.equal(a, pipe.unet(torch.ones(1, 4, 8, 8), t, text).sample)
+        True
+        >>> hook.remove()
+    """
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None) or pipe
+
+    def fixed(x: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1234)
+        return torch.randn(tuple(x.shape[1:]), generator=g).to(x)[None].expand_as(x).contiguous()
+
+    def pre(module, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            return (fixed(args[0]),) + tuple(args[1:]), kwargs
+        key = "sample" if "sample" in kwargs else "hidden_states"
+        return args, {**kwargs, key: fixed(kwargs[key])}
+
+    return denoiser.register_forward_pre_hook(pre, with_kwargs=True)

@@ -245,11 +245,11 @@ def run_sinks(model, tok, cfg: Config) -> Section:
 # ================================================================================================ 2. streaming
 def bounded_ppl(model, ids: torch.Tensor, sinks: int, window: int) -> float:
     """Perplexity of ``ids`` when every token sees the first ``sinks`` tokens plus the previous ``window`` tokens at
-    their original positions, in one forward: the ``kv-retention`` key mask (no retrieval heads, so every head
-    streams). Equal to the token-by-token eval with a ``SinkWindowPolicy(sinks, window, shift_positions=False)``
+    their original positions, in one forward: the ``kv-retention`` Λ key mask (``mask="lambda"``: applied to every row of
+    the one forward; no retrieval heads, so every head streams). Equal to the token-by-token eval with a ``SinkWindowPolicy(sinks, window, shift_positions=False)``
     cache (streaming-llm's PPL script without --enable_pos_shift); for ``sinks=0`` positions do not matter (RoPE
     is relative), so it is also the paper's window attention. ``window + 1`` because the query is a key too."""
-    with attnkit.attach(model, [KVRetention(sinks=sinks, window=window + 1)]), torch.no_grad():
+    with attnkit.attach(model, [KVRetention(sinks=sinks, window=window + 1, mask="lambda")]), torch.no_grad():
         nll, n = ppl.strided_nll(model, ids, max_length=len(ids))
     return ppl.perplexity(nll, n)
 
@@ -302,7 +302,8 @@ def run_streaming(model, tok, cfg: Config) -> Section:
     with timed(times, "check: policy, pos shift"):
         checks["shift"] = streaming_ppl(model, check, ppl.SinkWindowPolicy(s, w, shift_positions=True))
     with timed(times, "check: streaming-llm intervention"):
-        checks["iv"] = streaming_ppl(model, check, intervention=StreamingLLM(num_sinks=s, window=w))
+        checks["iv"] = streaming_ppl(model, check, intervention=StreamingLLM(num_sinks=s, window=w,
+                                                                                       evict="per_call"))
     with timed(times, "check: window only, mask"):
         checks["w_mask"] = bounded_ppl(model, check, 0, w)
     with timed(times, "check: window only, policy"):
@@ -717,7 +718,7 @@ def run_cost(model, tok, cfg: Config, state: dict, earlier: list) -> Section:
     arms = {
         "stock (no attach)": lambda: [],
         f"streaming-llm (4 sinks + {cfg.cost_prompt_tokens // 4} window)":
-            lambda: [StreamingLLM(num_sinks=4, window=cfg.cost_prompt_tokens // 4)],
+            lambda: [StreamingLLM(num_sinks=4, window=cfg.cost_prompt_tokens // 4, evict="per_call")],
         "act (" + (f"{sum(map(len, act_heads.values()))} selected heads" if act_heads else
                    f"all heads, layers 2..{n_layers - 2}") + ")":
             lambda: [ACT(heads=act_heads) if act_heads else ACT(layers=f"2:{n_layers - 1}")],

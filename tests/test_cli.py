@@ -44,12 +44,18 @@ def test_version():
 
 # what each preset needs, written out by hand from the methods' papers (independent of the fallback table)
 EXPECTED = {
-    "act-llama": ("LLM/VLM", "-"), "cmai": ("VLM", "-"), "damro": ("VLM", "-"), "fastv": ("VLM", "-"),
+    "act-llama": ("LLM/VLM", "-"), "act-mistral": ("LLM/VLM", "-"), "cmai": ("VLM", "-"), "damro": ("VLM", "-"), "fastv": ("VLM", "-"),
     "head-temperature": ("LLM/VLM", "-"), "kv-retention": ("LLM/VLM", "-"), "noop": ("LLM/VLM", "-"),
     "pag-sd": ("diffusion", "-"), "paint": ("VLM", "-"), "pasta": ("LLM/VLM", "emphasis"),
-    "prompt-to-prompt": ("diffusion", "-"), "streaming-llm": ("LLM/VLM", "-"), "var-auto": ("VLM", "-"),
+    "prompt-to-prompt": ("diffusion", "-"), "streaming-llm": ("LLM/VLM", "-"),
+    "streaming-llm-ppl": ("LLM/VLM", "-"), "var-auto": ("VLM", "-"),
     "var-llava": ("VLM", "-"), "var-qwen2-vl": ("VLM", "-"), "vhr": ("VLM", "-"), "visual-exit": ("VLM", "-"),
     "vtc-cls": ("VLM", "-"),
+    # diffusion editing (issue 15)
+    "a-star": ("diffusion", "-"), "broadway": ("diffusion", "-"), "broadway-videocrafter": ("diffusion", "-"),
+    "designedit": ("diffusion", "-"), "ditctrl": ("diffusion", "-"), "fatezero": ("diffusion", "-"),
+    "freecustom": ("diffusion", "-"), "masactrl": ("diffusion", "-"), "styleid": ("diffusion", "-"),
+    "styleid-diffusers": ("diffusion", "-"),
 }
 
 

@@ -4,8 +4,13 @@ plan. Projections, norms, RoPE and the output projection stay the stock processo
 that calls SDPA works (UNet ``AttnProcessor2_0``, SD3 ``JointAttnProcessor2_0``, Flux, DiT/PixArt).
 
 Keys are labelled per call: cross-attention keys are ``text``; self-attention keys ``image``; joint attention
-concatenates both (SD3: image then text; Flux: text then image, including single-stream blocks, whose text length
-is read from the denoiser's ``encoder_hidden_states``).
+concatenates both (SD3: image then text; Flux and CogVideoX: text then image, including Flux's single-stream blocks,
+whose text length is read from the denoiser's ``encoder_hidden_states``).
+
+Video denoisers: AnimateDiff's ``UNetMotionModel`` runs spatial attention per frame (batch ``B·F``) and temporal
+attention per location (``motion_modules.*``: batch ``B·h·w``, queries = frames); CogVideoX attends jointly over
+``[text; all frames]``. The description has the feature ``video``, ``temporal_attention`` where temporal modules exist,
+and ``extra["temporal_layers"]`` (their layer indices). Every context carries the call's scheduler ``timestep``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,14 @@ from attnkit.hooks.runtime import Adapter, Site, attend
 from attnkit.interventions.base import AttentionContext
 
 DENOISER_NAMES = ("unet", "transformer", "prior", "decoder")
+#: denoiser classes that denoise videos (a class name containing "Video" also counts)
+VIDEO_DENOISERS = ("UNetMotionModel", "UNet3DConditionModel", "UNetSpatioTemporalConditionModel",
+                   "I2VGenXLUNet", "CogVideoXTransformer3DModel", "WanTransformer3DModel", "MochiTransformer3DModel",
+                   "LTXVideoTransformer3DModel", "HunyuanVideoTransformer3DModel", "ConsisIDTransformer3DModel")
+#: module-name parts of temporal attention (each spatial location attends across frames)
+TEMPORAL_PARTS = ("motion_modules.", "temp_attentions.", "temporal_transformer_blocks.")
+#: joint-attention processors that put the text tokens first ([text; image])
+TEXT_FIRST_PROCESSORS = ("Flux", "CogVideoX")
 
 
 def is_diffusers_object(obj) -> bool:
@@ -43,11 +56,25 @@ def _denoisers(obj) -> list[tuple[str, torch.nn.Module]]:
     return found
 
 
+def _text_first(processor) -> bool:
+    return any(part in type(processor).__name__ for part in TEXT_FIRST_PROCESSORS)
+
+
+def is_temporal(qualname: str) -> bool:
+    """Does the attention module ``qualname`` attend across frames at each spatial location?
+
+    Example:
+        >>> is_temporal("up_blocks.1.motion_modules.0.transformer_blocks.0.attn1"), is_temporal("mid_block.attn1")
+        (True, False)
+    """
+    return any(part in qualname for part in TEMPORAL_PARTS)
+
+
 def _attention_kind(module) -> str:
     if getattr(module, "added_kv_proj_dim", None) is not None or getattr(module, "add_q_proj", None) is not None:
         return "joint"
-    if "Flux" in type(module.processor).__name__:
-        return "joint"  # Flux single-stream blocks attend over [text, image] hidden states
+    if _text_first(module.processor):
+        return "joint"  # Flux single-stream blocks and CogVideoX attend over [text, image] hidden states
     if getattr(module, "is_cross_attention", False):
         return "cross"
     return "self"
@@ -123,12 +150,12 @@ def _wrapper_for(original) -> type:
 def key_spans(processor, kind: str, n_hidden: int, n_text: int | None, k_len: int, text_len_hint: int | None):
     """``{"text": [K] bool, "image": [K] bool}`` for one attention call (see the module docstring)."""
     text = torch.zeros(k_len, dtype=torch.bool)
-    flux_like = "Flux" in type(processor).__name__
+    flux_like = _text_first(processor)
     if kind == "cross" or (n_text is not None and kind != "joint" and k_len == n_text):
         text[:] = True
     elif n_text is not None and k_len == n_hidden + n_text:
         if flux_like:
-            text[:n_text] = True  # Flux dual-stream: [text, image]
+            text[:n_text] = True  # Flux dual-stream, CogVideoX: [text, image]
         else:
             text[n_hidden:] = True  # SD3 joint: [image, text]
     elif flux_like and text_len_hint is not None and k_len > text_len_hint:
@@ -139,7 +166,8 @@ def key_spans(processor, kind: str, n_hidden: int, n_text: int | None, k_len: in
 def describe(obj, sites: list[Site]) -> ModelDescription:
     """The typed :class:`~attnkit.description.ModelDescription` of a pipeline or denoiser.
 
-    ``extra["pipeline"]`` is the pipeline object when ``obj`` is one (None for a bare denoiser)."""
+    ``extra["pipeline"]`` is the pipeline object when ``obj`` is one (None for a bare denoiser);
+    ``extra["temporal_layers"]`` the layer indices of temporal attention modules (see :func:`is_temporal`)."""
     from diffusers import DiffusionPipeline
 
     first = sites[0]
@@ -149,13 +177,27 @@ def describe(obj, sites: list[Site]) -> ModelDescription:
         features.add("cross_attention")
     if "joint" in kinds:
         features.add("joint_attention")
+    denoiser = _denoisers(obj)[0][1]
+    name = type(denoiser).__name__
+    if name in VIDEO_DENOISERS or "Video" in name:
+        features.add("video")
+    temporal = tuple(s.layer for s in sites if is_temporal(s.qualname))
+    if temporal:
+        features.add("temporal_attention")
     component = Component("denoiser", len(sites), first.num_heads, first.num_kv_heads, None, kinds=kinds,
                           names=tuple(s.qualname for s in sites))
-    denoiser = _denoisers(obj)[0][1]
     return ModelDescription(
         framework="diffusers", model_type=type(denoiser).__name__, class_name=type(obj).__name__,
         components={"denoiser": component}, default_component="denoiser", features=frozenset(features),
-        extra={"pipeline": obj if isinstance(obj, DiffusionPipeline) else None})
+        extra={"pipeline": obj if isinstance(obj, DiffusionPipeline) else None, "temporal_layers": temporal})
+
+
+def _timestep_of(args, kwargs) -> float | None:
+    """The first timestep value of a denoiser call (``timestep=`` or the second positional argument)."""
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if isinstance(t, torch.Tensor):
+        return float(t.flatten()[0]) if t.numel() else None
+    return None if t is None else float(t)
 
 
 class DiffusersAdapter(Adapter):
@@ -174,6 +216,7 @@ class DiffusersAdapter(Adapter):
         self.handle = None
         self.captures: list = []
         self.step = 0  # denoiser calls so far
+        self.timestep: float | None = None  # the scheduler timestep of the current denoiser call
         self.text_len: int | None = None  # encoder_hidden_states length of the current denoiser call
         self._detached = 0
         self._hooks: list = []
@@ -213,6 +256,7 @@ class DiffusersAdapter(Adapter):
         if self._detached or self.handle is None:
             return
         self.step += 1
+        self.timestep = _timestep_of(args, kwargs)
         encoder = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         self.text_len = encoder.shape[1] if isinstance(encoder, torch.Tensor) else None
         self._calls_at_start = self.handle._intervention_calls()
@@ -233,6 +277,7 @@ class DiffusersAdapter(Adapter):
             return AttentionContext(
                 layer=site.layer, module=site.module, tracker=None, batch=batch, num_heads=site.num_heads,
                 q_len=q_len, k_len=k_len, causal=bool(is_causal), device=query.device, step=self.step,
+                timestep=self.timestep,
                 state=entry.state if entry is not None else {}, spans=spans, query_rows=rows,
                 heads=entry.head_mask if entry is not None else None, value=value)
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from attnkit.hooks.kv_edit import apply_kv_edits
 from attnkit.kernels.eager import eager_probs
 from attnkit.kernels.masks import causal_allowed
 
@@ -66,12 +67,15 @@ def attend(runtime, site: Site, query, key, value, mask, *, scaling: float, caus
     """Run ``site``'s plan (or ``stock()`` when it has none) and feed ``runtime.captures`` → ``[B,H,Q,D]``.
 
     Captured rows come from the computation that produced the output (the backend returns them), so every hook
-    runs once per layer call, and a capture shows what the fused path really did."""
+    runs once per layer call, and a capture shows what the fused path really did. ``edit_kv`` entries run first
+    (:mod:`attnkit.hooks.kv_edit`); the backend and the captures see their result."""
     q_len = query.shape[2]
     wanting = [cap for cap in runtime.captures if cap.wants(site.layer, site.component)]
     rows = torch.unique(torch.cat([cap.rows(q_len) for cap in wanting])).to(query.device) if wanting else None
     probs = None
     if site.entries:
+        query, key, value, mask, make_ctx = apply_kv_edits(site.entries, query, key, value, mask, causal=causal,
+                                                           make_ctx=make_ctx)
         result = site.backend.run(query, key, value, mask, scaling=scaling, entries=site.entries, make_ctx=make_ctx,
                                   causal=causal, softcap=softcap, dropout=dropout, rows=rows)
         out, probs = result if rows is not None else (result, None)

@@ -5,6 +5,11 @@ An intervention overrides any of these hooks (all optional; each receives an :cl
 =====================  ====================================================================  ======================
 hook                   meaning                                                               backends
 =====================  ====================================================================  ======================
+``edit_kv``            ``(q, k, v, ctx) -> (q, k, v, key_bias)`` before the backend runs:     every backend (runs
+                       replace Q/K/V, or change the key set (e.g. append reference keys;      before them)
+                       q keeps its shape, k/v ``[B,Hkv,K',D]``); ``key_bias`` None or an
+                       additive bias broadcastable to ``[B,H,Q,K']`` (per-key weights, -inf
+                       masks) merged into the call's mask; return None to leave the call as is
 ``query_scale``        factor on the pre-softmax scores (temperature): per head ``[H]``, or  eager, torch, triton
                        per row, any tensor broadcastable to ``[B,H,Q,1]`` (e.g. from
                        :meth:`AttentionContext.visible_keys`)
@@ -16,6 +21,13 @@ hook                   meaning                                                  
 ``edit_probs``         any function of the probabilities ``[B,H,Q,K]`` (materialises them)    eager
 ``edit_output``        per-head outputs ``[B,H,Q,D]`` → same shape                           eager, torch, triton
 =====================  ====================================================================  ======================
+
+``edit_kv`` runs once per call before any other hook, in recipe order (each entry sees the previous one's result);
+later hooks, captures and the backend see the edited tensors, ``ctx.k_len`` = K' and ``ctx.value`` = the new v. When
+the key count changes, the first ``K`` keys keep the model's mask and span labels, and the keys after them are
+labelled ``"reference"`` (``ctx.key_mask("reference")``) and visible to every query unless ``key_bias`` says
+otherwise. On a subset of heads, heads outside the target keep their own q/k/v (only a same-shape edit can be
+restricted to some heads). See :mod:`attnkit.hooks.kv_edit`.
 
 Every backend applies these under the attention mask the model built (padding, causality, sliding windows,
 bidirectional image blocks, prefix or chunked masks): ``ctx.mask`` describes it, ``ctx.visible_keys()`` counts the
@@ -74,7 +86,7 @@ def release_running(interventions, handle) -> None:
         if ref is not None and ref() in (handle, None):
             del _RUNNING[iv]
 
-HOOKS = ("query_scale", "score_bias", "edit_scores", "key_stats", "group_factors", "edit_probs", "edit_output")
+HOOKS = ("edit_kv", "query_scale", "score_bias", "edit_scores", "key_stats", "group_factors", "edit_probs", "edit_output")
 
 
 def register_intervention(cls):
@@ -101,12 +113,14 @@ class AttentionContext:
     window: int | None = None
     is_prefill: bool = True
     step: int = 0  # diffusion denoising step or forward index
+    timestep: float | None = None  # diffusion: the scheduler timestep the denoiser was called with (None elsewhere)
     state: dict = field(default_factory=dict)  # per (intervention, layer), reset at each prefill
     spans: dict = field(default_factory=dict)  # extra [B, K] key masks (e.g. diffusers text/image)
     query_rows: torch.Tensor | None = None  # subset of query rows (captures)
     heads: torch.Tensor | None = None  # [H] bool: this intervention's target heads
     value: torch.Tensor | None = None  # [B, Hkv, K, D] the call's values (read-only; e.g. identity attention = v)
     mask: Any = None  # the call's attention mask as the backend runs it (attnkit.kernels.masks.KeyMask); set by it
+    orig_k_len: int | None = None  # the key count before an ``edit_kv`` changed it (None: unchanged)
 
     def _positions(self, n: int) -> slice:
         total = self.tracker.length if self.tracker is not None else n
@@ -115,10 +129,10 @@ class AttentionContext:
     def keys_of(self, tracked: torch.Tensor) -> torch.Tensor:
         """Select this call's key slots from a ``[B, T]`` tensor over all tracked positions → ``[B, K]``
         (follows pruned caches: see :meth:`attnkit.spans.SequenceTracker.provide_key_positions`)."""
-        where = self.tracker.positions_for(self.layer, self.k_len)
+        where = self.tracker.positions_for(self.layer, self.orig_k_len or self.k_len)
         if isinstance(where, slice):
-            return tracked[:, where]
-        return torch.gather(tracked, 1, where.to(tracked.device).clamp(0, tracked.shape[1] - 1))
+            return _fit_keys(tracked[:, where], self.k_len)
+        return _fit_keys(torch.gather(tracked, 1, where.to(tracked.device).clamp(0, tracked.shape[1] - 1)), self.k_len)
 
     def key_mask(self, name: str) -> torch.Tensor:
         """Bool ``[B, K]``: which keys of this call belong to span ``name`` (see :mod:`attnkit.spans`)."""
@@ -126,13 +140,13 @@ class AttentionContext:
             return self.spans[name].to(self.device)
         if self.tracker is None:
             raise KeyError(f"span {name!r} is not available here; available: {sorted(self.spans)}")
-        mask = self.tracker.gather(name, self.layer, self.k_len)  # [B, K]
-        return mask.to(self.device, non_blocking=True)
+        mask = self.tracker.gather(name, self.layer, self.orig_k_len or self.k_len)  # [B, K]
+        return _fit_keys(mask, self.k_len).to(self.device, non_blocking=True)
 
     def query_mask(self, name: str) -> torch.Tensor:
         """Bool ``[B, Q]``: which queries of this call belong to span ``name``."""
         if name in self.spans:
-            q_mask = self.spans[name][:, -self.q_len :]
+            q_mask = self.spans[name][:, : self.orig_k_len or self.k_len][:, -self.q_len :]  # appended keys are last
         elif self.tracker is None:
             raise KeyError(f"span {name!r} is not available here; available: {sorted(self.spans)}")
         else:
@@ -235,6 +249,10 @@ class Intervention:
         return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
 
     # ---- hooks: override what you need ------------------------------------------------------------------
+    def edit_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext):
+        # q [B,H,Q,D], k/v [B,Hkv,K,D] -> (q [B,H,Q,D], k [B,Hkv,K',D], v [B,Hkv,K',D], key_bias or None) or None
+        raise NotImplementedError
+
     def query_scale(self, ctx: AttentionContext) -> torch.Tensor | None:  # -> [H] or broadcastable [B,H,Q,1]
         raise NotImplementedError
 
@@ -255,6 +273,13 @@ class Intervention:
 
     def edit_output(self, out: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:  # [B,H,Q,D]
         raise NotImplementedError
+
+
+def _fit_keys(mask: torch.Tensor, k_len: int) -> torch.Tensor:
+    """``[B, K0]`` → ``[B, k_len]``: keys an ``edit_kv`` appended get False (they are in no tracked span)."""
+    if mask.shape[-1] >= k_len:
+        return mask[..., :k_len]
+    return torch.nn.functional.pad(mask, (0, k_len - mask.shape[-1]), value=False)
 
 
 def _recording_init(init):

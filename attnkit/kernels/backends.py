@@ -52,14 +52,20 @@ BACKEND_NAMES = ("triton", "flex", "torch", "eager")
 #: what a recipe may ask for
 REQUESTABLE = ("auto",) + BACKEND_NAMES
 
+#: hooks that run before every backend (the adapters apply them to q/k/v first, :mod:`attnkit.hooks.kv_edit`), so
+#: every backend supports them
+PRE_BACKEND_CAPABILITIES = frozenset({"edit_kv"})
 #: hooks (see :mod:`attnkit.interventions.base`) plus ``softcap`` (logit soft-capping), ``probs`` (returns the
 #: probability matrix) and ``mask`` (runs any attention mask the model builds, exactly)
 EAGER_CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_scores", "key_stats", "group_factors",
-                                "edit_probs", "edit_output", "softcap", "probs", "mask"})
-TORCH_CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_output", "group_factors", "key_stats", "mask"})
-TRITON_CAPABILITIES = frozenset({"query_scale", "group_factors", "key_stats", "edit_output", "mask"})
+                                "edit_probs", "edit_output", "softcap", "probs", "mask"}) | PRE_BACKEND_CAPABILITIES
+TORCH_CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_output", "group_factors", "key_stats",
+                                "mask"}) | PRE_BACKEND_CAPABILITIES
+TRITON_CAPABILITIES = frozenset({"query_scale", "group_factors", "key_stats", "edit_output",
+                                 "mask"}) | PRE_BACKEND_CAPABILITIES
 #: flex everywhere; ``group_factors`` needs each group's LSE from compiled flex: CUDA only (see kernels/flex.py)
-FLEX_CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_output", "softcap", "mask", "key_stats"})
+FLEX_CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_output", "softcap", "mask",
+                               "key_stats"}) | PRE_BACKEND_CAPABILITIES
 FLEX_LSE_CAPABILITIES = frozenset({"group_factors"})
 #: capability pairs the fused backends cannot combine in one layer (an arbitrary score bias breaks group partials
 #: and the key statistics, which are computed from q and k)

@@ -1,8 +1,9 @@
 """Figures for attention: heat maps, head-score grids, sink views, image / latent overlays, before vs after.
 
-Every function takes plain tensors or arrays (no dependency on the capture API), returns a matplotlib Figure
+Every plotting function takes plain tensors or arrays (no dependency on the capture API), returns a matplotlib Figure
 made without pyplot (nothing global to close; Jupyter displays it), and accepts ``fig=`` to draw into an
-existing Figure or SubFigure.
+existing Figure or SubFigure. :func:`attention_view` builds an interactive HTML view (hover a token to see its
+captured row) from a capture instead; see :mod:`attnkit.viz.interactive`.
 
 Example:
     >>> import torch
@@ -15,12 +16,15 @@ Example:
 from .compare import before_after
 from .heads import head_score_grid, top_k_heads
 from .heatmap import attention_heatmap
+from .interactive import AttentionView, attention_view
 from .io import save_figure
 from .overlay import as_image, cross_attention_maps, image_overlay, to_grid
 from .sinks import sink_view
 from .tokens import detect_scheme, readable_token, token_labels
 
 __all__ = [
+    "AttentionView",
+    "attention_view",
     "as_image",
     "attention_heatmap",
     "before_after",

@@ -145,7 +145,10 @@ class Family:
             return dict(prompt=["a cat"], num_inference_steps=2, output_type="pt", height=3, width=3)
         bad = dict(self.inputs)
         key = "sample" if "sample" in bad else "hidden_states"
-        bad[key] = bad[key][:, :1]  # one input channel instead of the model's
+        if self.name == "cogvideox":  # [B, F, C, h, w]: channels are dim 2
+            bad[key] = bad[key][:, :, :1]
+        else:
+            bad[key] = bad[key][:, :1]  # one input channel instead of the model's
         return bad
 
     # ---- outputs -----------------------------------------------------------------------------------------------

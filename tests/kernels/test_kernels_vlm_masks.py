@@ -36,7 +36,8 @@ def gemma3():
 
 
 def _var(p, **kw):
-    return VAR(p=p, tau=1.5, first_layer=0, except_last_layer=False, rho=0.0, min_image_mass=0.0, queries="all", **kw)
+    return VAR(p=p, tau=1.5, first_layer=0, except_last_layer=False, rho=0.0, min_image_mass=0.0, queries="all",
+               sink_dims="auto", require_visual_sink=False, **kw)
 
 
 def _run(model, batch, interventions, backend):

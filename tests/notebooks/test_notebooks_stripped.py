@@ -7,7 +7,7 @@ import pytest
 from nbrun import NOTEBOOKS
 
 EXECUTED_BY_TESTS = {"01_sinks_and_head_scores.ipynb", "02_lvlm_visual_attention.ipynb",
-                     "03_diffusion_cross_attention.ipynb", "04_recipes_and_eval.ipynb"}
+                     "03_diffusion_cross_attention.ipynb", "04_recipes_and_eval.ipynb", "05_diffusion_editing.ipynb"}
 
 
 def test_every_notebook_has_an_execution_test():

@@ -9,7 +9,7 @@ from attnkit.hooks.compat import model_from_config
 from attnkit.recipes import load_recipe
 from attnkit.testing import tiny_causal_lm, tiny_vlm, vlm_inputs
 
-LLM_PRESETS = ["noop", "act-llama", "streaming-llm", "head-temperature"]
+LLM_PRESETS = ["noop", "act-llama", "streaming-llm", "streaming-llm-ppl", "head-temperature"]
 
 
 @pytest.mark.parametrize("name", LLM_PRESETS)
@@ -24,6 +24,24 @@ def test_llm_presets_attach_and_run(name):
             else:  # a KV-cache policy (streaming-llm) works through install(): it must have seen the cache
                 assert iv.max_cache_seen > 0
     assert out.shape == (1, 13)
+
+
+def test_act_presets_follow_the_released_layer_ranges():
+    """Llama: range(2, 31) on 32 layers (2..L-2); Mistral: range(2, 32) (2..L-1, the last layer included)."""
+    model = tiny_causal_lm("mistral", num_hidden_layers=6)
+    for name, layers in (("act-llama", [2, 3, 4]), ("act-mistral", [2, 3, 4, 5])):
+        with attnkit.attach(model, name) as handle:
+            assert [m["layer"] for m in handle.report()["modules"]] == layers, name
+            (iv,) = handle.interventions
+            assert (iv.beta, iv.sink_test, iv.theta, iv.drop_first) == (0.4, "code", 0.1, "detected")
+
+
+def test_streaming_presets_pair_window_and_eviction_as_the_released_scripts():
+    (chat,) = load_recipe("streaming-llm").build_interventions()
+    (ppl,) = load_recipe("streaming-llm-ppl").build_interventions()
+    assert (chat.num_sinks, chat.window, chat.evict, chat.reserve, chat.pos_shift) == (4, 2000, "per_prompt", 1000,
+                                                                                       True)
+    assert (ppl.num_sinks, ppl.window, ppl.evict, ppl.pos_shift) == (4, 255, "per_call", True)
 
 
 def test_var_auto_preset_on_tiny_vlm():

@@ -1,8 +1,15 @@
 """VTC-CLS (Wang et al., arXiv 2412.05819): keep the top-U image tokens by the vision encoder's [CLS] attention.
 
 Score of patch j: ``s_j = Σ_{ℓ ∈ [start, L_v − 2]} mean_h A^ℓ[CLS → j]`` (a layer ensemble ending at the penultimate
-layer LLaVA takes its features from; ``start = L_v − 2`` is the penultimate-only variant). Per sample (the released
-code averages over the *batch* for B > 1 — fixed here) the top ``keep`` patches survive, in raster order.
+layer LLaVA takes its features from). Per sample (the released code averages over the *batch* for B > 1 — fixed
+here) the top ``keep`` patches survive, in raster order.
+
+Layers (``start_layer``): the default (``None``) is the released default, ``--layer 16`` on LLaVA-1.5's 24-layer
+CLIP-L/336, i.e. the ensemble of layers 16–22 (``attentions[16:-1]``). For a tower of another depth ``L_v`` the same
+fraction is kept: ``start = round(16·L_v/24)`` (the last third of the tower), capped at ``L_v − 2`` so the
+ensemble is never empty — 12 layers → 8–10, 32 → 21–30, 2 → layer 0 alone (:func:`released_start_layer`). An int
+picks the start explicitly (negative counts from the end; ``-2`` = the penultimate layer alone, the single-layer
+variant attnkit used to default to). Default = the released ensemble because the published results use it.
 
 How image tokens in ``input_ids`` are handled: the prompt keeps all its image placeholders, the model projects every
 patch as usual, and the dropped image tokens are removed from the hidden states **before decoder layer 0** (a real
@@ -29,6 +36,33 @@ from attnkit.interventions.pruning._drop import TokenDropper, top_fraction_keep
 from attnkit.interventions.pruning._vision_cls import ClsAttention, image_token_scores, vision_layers
 from attnkit.targets import Target
 
+#: the released default: ``--layer 16`` of CLIP-L/336's 24 layers
+RELEASED_START, RELEASED_DEPTH = 16, 24
+
+
+def released_start_layer(depth: int) -> int:
+    """First layer of the released VTC-CLS ensemble scaled to a tower of ``depth`` layers (it ends at ``depth − 2``).
+
+    Example:
+        >>> [released_start_layer(n) for n in (24, 12, 32, 2, 1)]
+        [16, 8, 21, 0, 0]
+    """
+    return max(0, min(round(RELEASED_START * depth / RELEASED_DEPTH), depth - 2))
+
+
+def ensemble_layers(depth: int, start_layer: int | None) -> list[int]:
+    """The vision layers whose [CLS] rows are summed: ``start .. depth − 2`` (at least one layer).
+
+    Example:
+        >>> ensemble_layers(24, None), ensemble_layers(24, -2), ensemble_layers(2, 0)
+        ([16, 17, 18, 19, 20, 21, 22], [22], [0])
+    """
+    if start_layer is None:
+        start = released_start_layer(depth)
+    else:
+        start = start_layer + depth if start_layer < 0 else start_layer
+    return list(range(start, max(start + 1, depth - 1)))
+
 
 @register_intervention
 class VTCCLS(Intervention):
@@ -37,7 +71,7 @@ class VTCCLS(Intervention):
     requires = frozenset({"image_tokens", "clip_cls_tower"})
     description = "VTC-CLS: keep the top-U image tokens by the vision [CLS] attention (layer ensemble)"
 
-    def __init__(self, keep: int = 36, start_layer: int = -2, positions: str = "contiguous", **target):
+    def __init__(self, keep: int = 36, start_layer: int | None = None, positions: str = "contiguous", **target):
         if target.get("layers") is not None:
             raise ValueError("vtc-cls: the vision layers are start_layer..L_v-2; do not pass layers")
         super().__init__(**target)
@@ -52,9 +86,7 @@ class VTCCLS(Intervention):
     def install(self, handle) -> list:
         model = handle.model
         self._handle = handle
-        n = len(vision_layers(model))
-        start = self.start_layer + n if self.start_layer < 0 else self.start_layer
-        self._cls = ClsAttention(model, layers=list(range(start, max(start + 1, n - 1))))
+        self._cls = ClsAttention(model, layers=ensemble_layers(len(vision_layers(model)), self.start_layer))
         self._strategy = getattr(model.config, "vision_feature_select_strategy", "default")
         self._dropper = TokenDropper(handle, 0, self.select, positions=self.positions)
         return self._cls.install(handle) + self._dropper.install()

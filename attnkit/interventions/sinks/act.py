@@ -73,7 +73,11 @@ class ACT(Intervention):
     conformance = {
         "neutral": {"beta": 1.0}, "active": {"beta": 0.4, "alpha": 1.5},
         "not_applicable": {"generate": "sinks are detected at the prefill and kept for the decode steps (the released "
-                                       "code's KV-cache behaviour): recomputing from scratch detects them again"}}
+                                       "code's KV-cache behaviour): recomputing from scratch detects them again"},
+        # the factor 1 + (1 - beta) S / R divides by the non-sink mass R, which is ~1e-3 where sinks take almost all
+        # attention: float32 rounding differences between a padded batch and a lone sample (~2e-6 of the logit
+        # scale in the stock model) grow by 1/R (measured on SmolLM2: up to 1.1e-4 of the logit scale)
+        "tolerance": {"batched": 5e-4}}
     requires = frozenset({"text_decoder"})
     description = "Attention Calibration Technique: scale hidden attention sinks by beta, give the mass back"
 

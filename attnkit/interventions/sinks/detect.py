@@ -82,10 +82,23 @@ def act_sinks_from_columns(col_sum: torch.Tensor, real: torch.Tensor | None = No
 
 
 def sink_dim_values(hidden: torch.Tensor, dims, eps: float = 1e-6) -> torch.Tensor:
-    """VAR's ``φ(x_j) = max_{d∈dims} |x_j[d] / RMS(x_j)|`` (RMS without gain, fp32) → ``[B, N]``."""
+    """VAR's ``φ(x_j) = max_{d∈dims} |x_j[d] / RMS(x_j)|`` (RMS without gain, fp32) → ``[B, N]``.
+
+    ``dims``: a list of dimensions for every sample, or a long tensor ``[B, k]`` with each sample's own.
+
+    Example:
+        >>> h = torch.ones(2, 2, 4); h[0, 1, 2] = 8.0; h[1, 0, 3] = 8.0
+        >>> sink_dim_values(h, torch.tensor([[2], [3]])).gt(1.5).int().tolist()   # 8 / RMS = 1.95, 1 / RMS = 0.24
+        [[0, 1], [1, 0]]
+    """
     x = hidden.float()  # [B, N, D]
     rms = x.pow(2).mean(-1, keepdim=True).add(eps).sqrt()  # [B, N, 1]
-    return (x[..., list(dims)] / rms).abs().amax(-1)  # [B, N]
+    if isinstance(dims, torch.Tensor) and dims.dim() == 2:  # per-sample dimensions
+        index = dims.to(x.device)[:, None, :].expand(-1, x.shape[1], -1)  # [B, N, k]
+        picked = torch.gather(x, 2, index)  # [B, N, k]
+    else:
+        picked = x[..., [int(d) for d in dims]]  # [B, N, k]
+    return (picked / rms).abs().amax(-1)  # [B, N]
 
 
 def massive_activation_sinks(hidden: torch.Tensor, dims, tau: float = 20.0, real: torch.Tensor | None = None):

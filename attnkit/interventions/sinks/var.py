@@ -12,12 +12,26 @@ Conventions (``convention=``):
     sink share (with the code's +1e-6 per image probability in the denominator).
   The released config (``p: 0.6, rho: 0.5`` in code terms) equals the defaults here: paper ``p=0.4, rho=0.5``.
 
-Other defaults: τ = 20 (strict ``>``), sinks only in layers ≥ 2 (code ``range(L)[2:]``), last layer excluded
-(``except_last_layer=True``, the paper; the released code's flag is shadowed so it modifies the last layer — set
-False to match it), text query rows only (``queries="text"``, paper; ``"after_image"`` = the code's prefill filter,
-``"all"``). Sinks are detected at prefill and reused while decoding; each new row is re-tested at every step.
-Sink dimensions: pass the model's (LLaVA-1.5-7B: [1415, 2533], Qwen2-VL-7B: [458, 2570]) or ``"auto"`` — an attnkit
-extension that picks the ``num_auto_dims`` dimensions with the largest normalised activation at the first prefill.
+A layer in which no visual sink was found (per sample) is left untouched (``require_visual_sink=True``, default):
+the released code selects rows only when the layer has visual sinks (its ``HeadFork`` returns no candidate rows
+otherwise), so the text-sink mass (e.g. BOS) is never moved there. ``require_visual_sink=False`` is the paper's rule
+read literally: with no visual sink the non-sink ratio is 1, the row qualifies and ``p`` of the text-sink mass goes to
+the image tokens (a row ``[.30, 0, .40, .30]`` = other, image, text sink, image becomes ``[.30, 0, .24, .46]``).
+Default = the released code because the paper never states what happens in such a layer and the code is what the
+published numbers come from.
+
+Other defaults follow the released code too: τ = 20 (strict ``>``), sinks only in layers ≥ 2 (code
+``range(L)[2:]``), the last layer modified (``except_last_layer=False``: the code's flag is shadowed by a class
+attribute, so the published numbers come from a run that modifies it; ``True`` is the paper), and in the prefill only
+the query rows after the image (``queries="after_image"``, the code's ``q ≥ im + 576`` filter; ``"text"`` = every
+text row, the paper; ``"all"``). Sinks are detected at prefill and reused while decoding; each new row is re-tested
+at every step.
+
+Sink dimensions (``sink_dims``) are a property of the base LLM and must be given: LLaVA-1.5-7B / LLaMA-2-7B
+[1415, 2533] and LLaVA-1.5-13B [2100, 4743] (released code), Qwen2-VL-7B [458, 2570] (secondary sources; the presets
+``var-llava`` / ``var-qwen2-vl`` set them). ``sink_dims="auto"`` is an attnkit heuristic absent from the paper: the
+``num_auto_dims`` dimensions with the largest normalised activation, chosen **per sample at each prefill** from the
+first sink layer's input (nothing is kept across sequences or models). Attaching without ``sink_dims`` is refused.
 
 Example (METHODS.md worked example):
     >>> import torch
@@ -42,10 +56,22 @@ OTHER, VSINK, TSINK, IMAGE = 0, 1, 2, 3
 
 
 def var_factors(mass: torch.Tensor, p: float, rho: float, min_image_mass: float = 0.2,
-                convention: str = "paper", n_image: torch.Tensor | float = 0.0) -> torch.Tensor:
+                convention: str = "paper", n_image: torch.Tensor | float = 0.0,
+                visual_sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Group factors ``[..., 4]`` from group masses ``[..., 4]`` (other, visual sink, text sink, image non-sink).
 
-    Factors sum to one with the masses (``Σ M_g c_g = 1``), so they are exact with or without renormalisation."""
+    Factors sum to one with the masses (``Σ M_g c_g = 1``), so they are exact with or without renormalisation.
+    ``visual_sinks`` (bool, broadcastable to ``mass[..., 0]``): whether the sample's layer has any visual sink; where
+    it is False the factors are 1 (the released code's rule; None = the paper's, no such test).
+
+    Example (a layer without visual sink: other, image, text sink, image):
+        >>> row, groups = torch.tensor([.30, 0, .40, .30]), torch.tensor([0, 3, 2, 3])
+        >>> mass = torch.zeros(4).index_add_(0, groups, row)
+        >>> [round(x, 6) for x in (row * var_factors(mass, 0.4, 0.5)[groups]).tolist()]   # paper, read literally
+        [0.3, 0.0, 0.24, 0.46]
+        >>> torch.equal(var_factors(mass, 0.4, 0.5, visual_sinks=torch.tensor(False)), torch.ones(4))
+        True
+    """
     mass = mass.float()
     m_vs, m_ts, m_img = mass[..., VSINK], mass[..., TSINK], mass[..., IMAGE]
     image_mass = m_vs + m_img  # [...]
@@ -59,6 +85,8 @@ def var_factors(mass: torch.Tensor, p: float, rho: float, min_image_mass: float 
     else:
         raise ValueError(f"unknown VAR convention {convention!r}; use 'paper' or 'code'")
     qualifies = (image_mass >= min_image_mass) & ratio_ok & (m_img > 0)  # [...]
+    if visual_sinks is not None:
+        qualifies = qualifies & visual_sinks.to(qualifies.device)  # released code: no visual sink, no candidate row
     budget = recycled * (m_vs + m_ts)  # Ω
     factors = torch.ones_like(mass)
     factors[..., VSINK] = 1.0 - recycled
@@ -70,13 +98,15 @@ def var_factors(mass: torch.Tensor, p: float, rho: float, min_image_mass: float 
 @register_intervention
 class VAR(Intervention):
     name = "var"
-    conformance = {"neutral": {"p": 0.0}, "active": {"p": 0.6, "first_layer": 0, "except_last_layer": False}}
+    conformance = {"neutral": {"p": 0.0, "sink_dims": "auto"},
+                   "active": {"p": 0.6, "first_layer": 0, "except_last_layer": False, "sink_dims": "auto"}}
     requires = frozenset({"text_decoder", "image_tokens"})
     description = "Visual Attention Redistribution: recycle sink attention to non-sink image tokens"
 
-    def __init__(self, p: float = 0.4, rho: float = 0.5, tau: float = 20.0, sink_dims: list | str = "auto",
-                 min_image_mass: float = 0.2, convention: str = "paper", queries: str = "text",
-                 first_layer: int = 2, except_last_layer: bool = True, num_auto_dims: int = 2, **target):
+    def __init__(self, p: float = 0.4, rho: float = 0.5, tau: float = 20.0, sink_dims: list | str | None = None,
+                 min_image_mass: float = 0.2, convention: str = "paper", queries: str = "after_image",
+                 first_layer: int = 2, except_last_layer: bool = False, num_auto_dims: int = 2,
+                 require_visual_sink: bool = True, **target):
         super().__init__(**target)
         if convention not in ("paper", "code"):
             raise ValueError(f"var: unknown convention {convention!r}; use 'paper' or 'code'")
@@ -84,21 +114,27 @@ class VAR(Intervention):
             raise ValueError(f"var: unknown queries {queries!r}; use 'text', 'after_image' or 'all'")
         if not 0.0 <= p <= 1.0 or not 0.0 <= rho <= 1.0:
             raise ValueError(f"var: p and rho must lie in [0, 1], got p={p}, rho={rho}")
-        if sink_dims != "auto" and not (isinstance(sink_dims, (list, tuple)) and sink_dims):
-            raise ValueError(f"var: sink_dims must be 'auto' or a non-empty list of hidden dimensions, got {sink_dims!r}")
+        if sink_dims is not None and sink_dims != "auto" and not (isinstance(sink_dims, (list, tuple)) and sink_dims):
+            raise ValueError(f"var: sink_dims must be a non-empty list of hidden dimensions or 'auto', got {sink_dims!r}")
         self.p, self.rho, self.tau, self.min_image_mass = p, rho, tau, min_image_mass
-        self.sink_dims = sink_dims if sink_dims == "auto" else [int(d) for d in sink_dims]
+        self.sink_dims = sink_dims if sink_dims in (None, "auto") else [int(d) for d in sink_dims]
         self.convention, self.queries = convention, queries
         self.first_layer, self.except_last_layer, self.num_auto_dims = first_layer, except_last_layer, num_auto_dims
+        self.require_visual_sink = require_visual_sink
         self._num_layers = None
         self._sinks: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (sequence id, [B, T0] bool)
-        self._auto_dims: list[int] | None = None
+        self._auto_dims: tuple[int, torch.Tensor] | None = None  # (sequence id, [B, num_auto_dims]) this prefill's
 
     def setup(self, model) -> None:
+        if self.sink_dims is None:
+            raise ValueError("var needs the sink dimensions of this model's LLM: pass sink_dims (LLaVA-1.5-7B "
+                             "[1415, 2533], LLaVA-1.5-13B [2100, 4743], Qwen2-VL-7B [458, 2570]; presets var-llava, "
+                             "var-qwen2-vl) or sink_dims='auto' for attnkit's heuristic, which the paper does not have")
         self._num_layers = model.component(self.component or "text").num_layers
         hidden = getattr(model.text_config, "hidden_size", None)
         if hidden is not None and self.sink_dims != "auto" and max(self.sink_dims) >= hidden:
             raise ValueError(f"var: sink_dims {self.sink_dims} exceed the hidden size {hidden} of this model")
+        self._sinks, self._auto_dims = {}, None
 
     # ---- sink detection (decoder-layer pre-hook, prefill only) -----------------------------------------------
     def install(self, handle) -> list:
@@ -126,16 +162,27 @@ class VAR(Intervention):
                 return None
             real = tracker.mask("real")
             real = real if real.shape == hidden.shape[:2] else None
-            dims = self.sink_dims
-            if dims == "auto":
-                if self._auto_dims is None:
-                    self._auto_dims = top_activation_dims(hidden.detach(), self.num_auto_dims, real)
-                dims = self._auto_dims
+            dims = self.sink_dims if self.sink_dims != "auto" else self._dims_for(hidden, real, tracker.sequence_id)
             sinks = massive_activation_sinks(hidden.detach(), dims, self.tau, real)  # [B, N]
             self._sinks[layer] = (tracker.sequence_id, sinks.cpu())
             return None
 
         return hook
+
+    def _dims_for(self, hidden: torch.Tensor, real, sequence: int) -> torch.Tensor:
+        """``sink_dims="auto"``: per sample, the dimensions with the largest normalised activation in the first sink
+        layer's input of this prefill → long ``[B, num_auto_dims]`` (recomputed for every new sequence)."""
+        if self._auto_dims is None or self._auto_dims[0] != sequence:
+            dims = torch.stack([torch.tensor(top_activation_dims(hidden[b:b + 1].detach(), self.num_auto_dims,
+                                                                 None if real is None else real[b:b + 1]))
+                                for b in range(hidden.shape[0])])  # [B, num_auto_dims]
+            self._auto_dims = (sequence, dims)
+        return self._auto_dims[1]
+
+    @property
+    def last_auto_dims(self) -> torch.Tensor | None:
+        """``[B, num_auto_dims]``: the dimensions ``sink_dims="auto"`` chose at the last prefill (None otherwise)."""
+        return None if self._auto_dims is None else self._auto_dims[1]
 
     def sink_mask(self, ctx) -> torch.Tensor:
         """Bool ``[B, K]``: the sink tokens of this layer among this call's keys (False for generated tokens)."""
@@ -148,6 +195,14 @@ class VAR(Intervention):
 
     def visual_sink_mask(self, ctx) -> torch.Tensor:
         return self.sink_mask(ctx) & ctx.key_mask("image")
+
+    def has_visual_sink(self, ctx) -> torch.Tensor:
+        """Bool ``[B]``: whether this layer found any visual sink in the sample's prompt (at the prefill)."""
+        seq, sinks = self._sinks.get(ctx.layer, (None, None))
+        if sinks is None or seq != ctx.tracker.sequence_id or sinks.shape[0] != ctx.batch:
+            return torch.zeros(ctx.batch, dtype=torch.bool, device=ctx.device)
+        image = ctx.tracker.mask("image")[:, : sinks.shape[1]]  # [B, T0]
+        return (sinks[:, : image.shape[1]] & image).any(1).to(ctx.device)
 
     def key_groups(self):
         # group 1 = visual sinks, 2 = other (text) sinks, 3 = non-sink image tokens, 0 = everything else
@@ -172,7 +227,9 @@ class VAR(Intervention):
         groups = mass.shape[-1]  # the eager backend drops trailing empty groups
         mass = torch.nn.functional.pad(mass, (0, 4 - groups)) if groups < 4 else mass  # [B, H, Q, 4]
         n_image = ctx.key_mask("image").sum(-1).float()[:, None, None]  # [B, 1, 1]
-        factors = var_factors(mass, self.p, self.rho, self.min_image_mass, self.convention, n_image)  # [B,H,Q,4]
+        visual = self.has_visual_sink(ctx)[:, None, None] if self.require_visual_sink else None  # [B, 1, 1]
+        factors = var_factors(mass, self.p, self.rho, self.min_image_mass, self.convention, n_image,
+                              visual)  # [B, H, Q, 4]
         factors = factors[..., :groups]
         rows = self._query_rows(ctx)[:, None, :, None]  # [B, 1, Q, 1]
         return torch.where(rows, factors, torch.ones_like(factors))

@@ -56,24 +56,38 @@ def timestep_of(args, kwargs) -> float | None:
     return None if t is None else float(t)
 
 
-def _grow(x, batch: int, rows: slice):
+def _grow(x, batch: int, rows: slice, frames: int = 1):
     if isinstance(x, torch.Tensor):
-        return torch.cat([x, x[rows]]) if x.dim() > 0 and x.shape[0] == batch else x
+        if x.dim() > 0 and x.shape[0] == batch:
+            return torch.cat([x, x[rows]])
+        if frames > 1 and x.dim() > 0 and x.shape[0] == batch * frames:  # one row per sample and frame
+            per = x.unflatten(0, (batch, frames))  # [B, F, …] (AnimateDiff passes the text once per frame)
+            return torch.cat([per, per[rows]]).flatten(0, 1)
+        return x
     if isinstance(x, dict):
-        return {k: (v if k in UNBATCHED_KWARGS else _grow(v, batch, rows)) for k, v in x.items()}
+        return {k: (v if k in UNBATCHED_KWARGS else _grow(v, batch, rows, frames)) for k, v in x.items()}
     if isinstance(x, list):
-        return [_grow(v, batch, rows) for v in x]
+        return [_grow(v, batch, rows, frames) for v in x]
     if isinstance(x, tuple) and not hasattr(x, "_fields"):
-        return tuple(_grow(v, batch, rows) for v in x)
+        return tuple(_grow(v, batch, rows, frames) for v in x)
     return x
+
+
+def _frames(args, kwargs) -> int:
+    """Frames of a video UNet call (``sample [B, C, F, H, W]``), else 1."""
+    sample = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("sample")
+    return int(sample.shape[2]) if isinstance(sample, torch.Tensor) and sample.dim() == 5 else 1
 
 
 def append_rows(args, kwargs, batch: int, rows: slice):
     """Append a copy of batch rows ``rows`` to every batched tensor of a denoiser call (nested dicts/lists too).
 
-    A tensor counts as batched when its leading dim equals ``batch``; scalars and ``img_ids``/``txt_ids`` are kept."""
-    new_args = tuple(_grow(a, batch, rows) for a in args)
-    new_kwargs = {k: (v if k in UNBATCHED_KWARGS else _grow(v, batch, rows)) for k, v in kwargs.items()}
+    A tensor counts as batched when its leading dim equals ``batch``, or ``batch·F`` for a video UNet call
+    (``sample [B, C, F, H, W]``, whose text comes once per frame, as AnimateDiff passes it); scalars and
+    ``img_ids``/``txt_ids`` are kept."""
+    frames = _frames(args, kwargs)
+    new_args = tuple(_grow(a, batch, rows, frames) for a in args)
+    new_kwargs = {k: (v if k in UNBATCHED_KWARGS else _grow(v, batch, rows, frames)) for k, v in kwargs.items()}
     return new_args, new_kwargs
 
 

@@ -7,8 +7,20 @@ masked (``strength=0``, the default) or down-weighted by ``strength`` (adds ``lo
 so the row renormalises. Image query rows are untouched. There is no public code; the selection rule, the strength
 and head averaging are configurable because the paper leaves them open.
 
-The score needs the layer's own attention map, so this runs on the ``eager`` backend (``edit_scores``). For decode
-steps the text→image rows of earlier tokens are kept in the per-layer state (``[B, h, T, N_prompt]``).
+For decode steps the text→image rows of earlier tokens are kept in the per-layer state (``[B, h, T, N_prompt]``,
+indexed by sequence position, so a sliding-window layer whose cache holds only the last keys reads the rows of the
+keys it sees).
+
+Why eager only (no fused path): the focus score is second order in the layer's attention. At a prefill,
+``F_{t,v} = Σ_k A_{t,k} A_{k,v}`` needs, for every query row t, that row's whole distribution over the text keys k;
+the per-key statistics the fused backends compute (``key_stats``: the attention each key receives, summed over the
+rows, ``Σ_t A_{t,k}``) have lost the row index, so F cannot be rebuilt from them, and the inhibition then needs a
+per-(row, key) mask that depends on F. At a decode step (one row) the statistics *are* the row, but the fused
+backends call ``score_bias`` before ``key_stats`` (their FUSED_UNSUPPORTED pair), so a bias computed from this call's
+statistics is not possible there either. An exact fused CMAI would need a backend step that returns
+``A·W`` for a caller-supplied ``W`` (``F = softmax(QKᵀ)·(R ⊙ text)``, one extra SDPA call with the stored rows R as
+values) before the biased call — a kernels change, not taken here. So it materialises the ``[B, H, Q, K]`` scores
+(``edit_scores``) and runs on the ``eager`` backend.
 
 Example:
     >>> import torch, attnkit
@@ -76,30 +88,59 @@ class CMAI(Intervention):
         return (n.float() * self.keep_ratio + 0.5).floor().long().clamp(min=1)
 
     def edit_scores(self, scores, ctx):  # scores [B, H, Q, K] fp32, before the model's mask
-        real, image, text = ctx.key_mask("real"), ctx.key_mask("image"), ctx.key_mask("text")  # [B, K]
-        causal = causal_allowed(ctx.q_len, ctx.k_len, ctx.device)  # [Q, K]
-        if ctx.query_rows is not None:  # a capture re-computing some rows after the main call
-            causal = causal[ctx.query_rows.to(ctx.device)]
-        allowed = real[:, None, None, :] & causal[None, None]
-        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)  # [B, H, Q, K]
+        image, text = ctx.key_mask("image"), ctx.key_mask("text")  # [B, K]
+        probs = torch.softmax(self._masked(scores, ctx), -1).nan_to_num(0.0)  # [B, H, Q, K] the layer's own A
         probs = probs if self.per_head else probs.mean(1, keepdim=True)  # [B, h, Q, K]
-        rows = self._image_rows(probs, image, ctx)  # [B, h, K, N]: every key's (row's) attention to prompt images
+        key_pos = self._key_positions(ctx)  # [B, K] sequence position of each key
+        rows = self._image_rows(probs, image, key_pos, ctx)  # [B, h, T, N]: every position's attention to images
         n = rows.shape[-1]
-        focus = focus_scores(probs * text[:, None, None, :], rows)  # [B, h, Q, N]
-        blocked = inhibited_pairs(focus, image[:, :n], self._keep_counts(image[:, :n]))  # [B, h, Q, N]
+        prompt_image = ctx.tracker.mask("image")[:, :n].to(ctx.device)  # [B, N]
+        key_rows = torch.gather(rows, 2, key_pos[:, None, :, None].expand(-1, rows.shape[1], -1, n))  # [B,h,K,N]
+        focus = focus_scores(probs * text[:, None, None, :], key_rows)  # [B, h, Q, N]
+        blocked = inhibited_pairs(focus, prompt_image, self._keep_counts(prompt_image))  # [B, h, Q, N]
         blocked &= ctx.query_mask("text")[:, None, :, None]
-        bias = torch.zeros_like(probs).narrow(-1, 0, n).masked_fill(
-            blocked, math.log(self.strength) if self.strength > 0 else float("-inf"))
-        bias = torch.nn.functional.pad(bias, (0, ctx.k_len - n))  # [B, h, Q, K]
+        in_prompt = key_pos < n  # [B, K]
+        per_key = torch.gather(blocked, 3, key_pos.clamp(max=n - 1)[:, None, None, :].expand(
+            -1, blocked.shape[1], blocked.shape[2], -1)) & in_prompt[:, None, None, :]  # [B, h, Q, K]
+        bias = torch.zeros_like(probs).masked_fill(
+            per_key, math.log(self.strength) if self.strength > 0 else float("-inf"))  # [B, h, Q, K]
         return scores + bias
 
-    def _image_rows(self, probs, image, ctx):
-        """Attention rows to image keys for all positions so far: the state's rows plus this call's rows."""
+    @staticmethod
+    def _masked(scores: torch.Tensor, ctx) -> torch.Tensor:
+        """Scores under the model's own mask (padding, causality, sliding windows, bidirectional image blocks)."""
+        if ctx.mask is None:  # no mask description: causal over real keys
+            causal = causal_allowed(ctx.q_len, ctx.k_len, ctx.device)  # [Q, K]
+            if ctx.query_rows is not None:
+                causal = causal[ctx.query_rows.to(ctx.device)]
+            allowed = ctx.key_mask("real")[:, None, None, :] & causal[None, None]  # [B, 1, Q, K]
+            return scores.masked_fill(~allowed, float("-inf"))
+        rows = slice(None) if ctx.query_rows is None else ctx.query_rows
+        _, ok, bias = ctx.mask.block(rows, ctx.device, restrict=False)  # [B|1, H|1, Q, K] bool, fp32 | None
+        scores = scores if bias is None else scores + bias.float()
+        return scores.masked_fill(~ok, float("-inf"))
+
+    @staticmethod
+    def _key_positions(ctx) -> torch.Tensor:
+        """Long ``[B, K]``: the sequence position of each key of this call (the last K positions, or a pruned or
+        windowed cache's own positions)."""
+        where = ctx.tracker.positions_for(ctx.layer, ctx.k_len)
+        if isinstance(where, slice):
+            return torch.arange(where.start, where.stop, device=ctx.device).expand(ctx.batch, -1)
+        return where.to(ctx.device).long()
+
+    def _image_rows(self, probs, image, key_pos, ctx):
+        """Attention rows to the prompt's image positions for every position so far ``[B, h, T, N]``: the state's
+        rows plus this call's rows (scattered from key slots to positions)."""
         if ctx.query_rows is not None:  # captures read the rows the main call stored
             return ctx.state["rows"]
         prev = None if ctx.is_prefill else ctx.state.get("rows")  # [B, h, T_prev, N]
-        n = prev.shape[-1] if prev is not None else ctx.k_len
-        current = (probs * image[:, None, None, :])[..., :n]  # [B, h, Q, N]
-        rows = current if prev is None else torch.cat([prev, current], dim=2)  # [B, h, K, N]
+        n = prev.shape[-1] if prev is not None else ctx.tracker.length
+        in_prompt = key_pos < n  # [B, K]
+        weights = probs * (image & in_prompt)[:, None, None, :]  # [B, h, Q, K]
+        current = torch.zeros(*probs.shape[:3], n, dtype=probs.dtype, device=probs.device)  # [B, h, Q, N]
+        index = key_pos.clamp(max=n - 1)[:, None, None, :].expand_as(weights)
+        current.scatter_add_(3, index, weights)
+        rows = current if prev is None else torch.cat([prev, current], dim=2)  # [B, h, T, N]
         ctx.state["rows"] = rows
         return rows

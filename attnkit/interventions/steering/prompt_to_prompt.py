@@ -15,15 +15,33 @@ The pipeline is called with the prompts ``[source, target_1, …, target_K]`` an
 
 ``cross_replace_steps``: a float ``f`` (window (0, f)), a pair ``[a, b]``, or ``{"default_": …, word: …}`` with
 per-word windows; rows ``int(a·(N+1)) ≤ step < int(b·(N+1))`` are active. ``self_replace_steps`` (window over
-``int(a·N) ≤ step < int(b·N)``) also copies the source's **self**-attention probabilities into every target in
-layers with at most ``self_max_queries`` queries (16² in the paper's SD-1.x setup). The unconditional rows are never
-edited; the step index comes from the pipeline's scheduler (a bare denoiser counts calls, ``num_steps`` required).
+``int(a·N) ≤ step < int(b·N)``; default 0.4, the official notebooks' value) also copies the source's
+**self**-attention probabilities into every target in layers with at most ``self_max_queries`` queries (16² in the
+paper's SD-1.x setup). The unconditional rows are never edited; the step index comes from the pipeline's scheduler (a
+bare denoiser counts calls, ``num_steps`` required).
+
+LocalBlend (``blend_words``: one word or list of words per prompt, the notebook's ``LocalBlend(prompts, words)``;
+``blend_threshold`` 0.3; ``blend_start`` 0 — the null-text notebook's variant starts at 0.2): after every scheduler
+step the targets' latents are blended with the source's outside the region their words attend to (see
+:mod:`attnkit.interventions.steering.local_blend`). With a pipeline it runs by itself (attnkit wraps
+``pipe.scheduler.step`` while attached); with a bare denoiser call :meth:`PromptToPrompt.blend_latents` on the
+latents after each step (e.g. from ``callback_on_step_end``).
+
+Joint attention (SD3, Flux; METHODS.md has no reference for it — attnkit's mapping): one softmax covers the image and
+text keys, so the UNet's two layers become two blocks of one row. For every image query row of a target, the
+image→text block is edited exactly as a cross-attention map (``α·Edit(base, rep) + (1−α)·rep``, from the source's
+image→text block), the image→image block is the source's inside the self-replace window (else the target's own), and
+the image→image block is rescaled so the row sums to 1 again (its shape kept; factor clamped at 0 when a reweight
+pushes the text mass above 1). Text query rows are not edited. The text columns must be the tokenizer's ``T`` tokens
+(``set_prompts(prompts, tokenizer)`` with the tokenizer of the text stream; a pipeline with several text encoders,
+e.g. SD3's CLIP + T5 sequence, is left unedited with a warning). Every joint block sees the same image-token grid,
+so self-replace applies to all of them or none (``self_max_queries`` against the image-token count).
 
 Deliberate differences from the reference code (see METHODS.md, "Discrepancies"): the replace mapper keeps
 ``M[i, j]`` after the last changed word (the reference switches to ``M[j, j]`` and misaligns later tokens when that
 word changed its token count), and an equalizer with several words and different strengths works (one scale per
-word, expanded to its tokens). LocalBlend is not implemented. The edit needs the probabilities, so the edited
-layers run on the eager backend (``[B, H, Q, T]`` is small for cross-attention; self-replace materialises Q×Q).
+word, expanded to its tokens). The edit needs the probabilities, so the edited layers run on the eager backend
+(``[B, H, Q, T]`` is small for cross-attention; self-replace and joint attention materialise Q×K).
 
 Example:
     >>> import torch, attnkit
@@ -48,6 +66,13 @@ from attnkit.interventions.steering._denoiser_calls import (
     pipeline_of,
     scheduler_step,
     timestep_of,
+)
+from attnkit.interventions.steering.local_blend import (
+    SchedulerStepHook,
+    blend_mask,
+    grid_of,
+    latent_grid,
+    local_blend,
 )
 from attnkit.targets import Target, parse_layers
 
@@ -242,6 +267,25 @@ def in_self_window(spec, step: int, num_steps: int) -> bool:
     return int(a * num_steps) <= step < int(b * num_steps)
 
 
+def blend_word_alphas(tokenizer, prompts: list[str], words: list, max_len: int) -> torch.Tensor:
+    """``[P, T]`` 0/1: the token columns of each prompt's own blend words (a word or a list per prompt).
+
+    Example:
+        >>> blend_word_alphas(char_tokenizer(), ["a cat", "a dog"], ["cat", ["dog"]], 8).int().tolist()
+        [[0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0, 0]]
+    """
+    if len(words) != len(prompts):
+        raise ValueError(f"prompt-to-prompt: blend_words needs one entry per prompt ({len(prompts)}), got {len(words)}")
+    alphas = torch.zeros(len(prompts), max_len)
+    for k, (text, entry) in enumerate(zip(prompts, words)):
+        for word in [entry] if isinstance(entry, str) else list(entry):
+            inds = [p for p in word_token_indices(tokenizer, text, word) if p < max_len]
+            if not inds:
+                raise ValueError(f"prompt-to-prompt: blend word {word!r} does not occur in {text!r}")
+            alphas[k, inds] = 1.0
+    return alphas
+
+
 def char_tokenizer(max_len: int = 32):
     """A CLIP tokenizer built in memory whose tokens are single characters (``c``, ``a``, ``t</w>``): every word is
     several tokens, which is what the word/token bookkeeping needs to be tested on. Lower-case letters only.
@@ -267,16 +311,18 @@ def char_tokenizer(max_len: int = 32):
 class PromptToPrompt(Intervention):
     name = "prompt-to-prompt"
     conformance = {
-        "neutral": {"prompts": ["a photo of a cat", "a dog on the grass"], "cross_replace_steps": 0.0},
-        "active": {"prompts": ["a photo of a cat", "a dog on the grass"]},
+        "neutral": {"prompts": ["a photo of a cat", "a dog on the grass"], "cross_replace_steps": 0.0,
+                    "self_replace_steps": 0.0},
+        "active": {"prompts": ["a photo of a cat", "a dog on the grass"], "blend_words": ["cat", "dog"]},
         "families": ("sd-pipeline",), "families_reason": "needs the pipeline's tokenizer for its prompts"}
     requires = frozenset({"denoiser"})
     description = "Prompt-to-Prompt: inject the source prompt's cross-attention maps into target prompts"
 
     def __init__(self, edit: str = "replace", prompts: list | None = None,
                  cross_replace_steps: float | list | dict = 0.8,
-                 self_replace_steps: float | list = 0.0, equalizer: dict | None = None, self_max_queries: int = 256,
-                 num_steps: int | None = None, **target):
+                 self_replace_steps: float | list = 0.4, equalizer: dict | None = None, self_max_queries: int = 256,
+                 num_steps: int | None = None, blend_words: list | None = None, blend_threshold: float = 0.3,
+                 blend_start: float = 0.0, **target):
         if edit not in EDITS:
             raise ValueError(f"prompt-to-prompt: edit must be one of {EDITS}, got {edit!r}")
         if edit == "reweight" and not equalizer:
@@ -290,6 +336,13 @@ class PromptToPrompt(Intervention):
         self.edit, self.prompts, self.equalizer = edit, list(prompts) if prompts else None, dict(equalizer or {})
         self.cross_replace_steps, self.self_replace_steps = cross_replace_steps, self_replace_steps
         self.self_max_queries, self.num_steps = self_max_queries, num_steps
+        if blend_words is not None and prompts is not None and len(blend_words) != len(prompts):
+            raise ValueError(f"prompt-to-prompt: blend_words needs one entry per prompt ({len(prompts)}), "
+                             f"got {len(blend_words)}")
+        self.blend_words = list(blend_words) if blend_words is not None else None
+        self.blend_threshold, self.blend_start = float(blend_threshold), float(blend_start)
+        self._maps: dict[int, torch.Tensor] = {}  # LocalBlend: query count -> summed word maps [P, Q]
+        self.last_blend_mask: torch.Tensor | None = None  # [P, 1, H, W] of the last blend
         self._tokenizer = None
         self._tables: dict = {}
         self._step: tuple[int, int] | None = None
@@ -300,10 +353,11 @@ class PromptToPrompt(Intervention):
     # ---- planning -------------------------------------------------------------------------------------------------
     def setup(self, model) -> None:
         """Target cross-attention layers, plus self-attention layers when a self-replace window is set."""
-        kinds = list(model.component(self.component).kinds)
-        self._kinds = kinds
-        wanted = ("cross", "self") if _window(self.self_replace_steps)[1] > _window(self.self_replace_steps)[0] \
-            else ("cross",)
+        component = model.component(self.component)
+        kinds = list(component.kinds)
+        self._kinds, self._names = kinds, list(component.names)
+        start, stop = _window(self.self_replace_steps)
+        wanted = ("cross", "joint", "self") if stop > start else ("cross", "joint")
         layers = [i for i, k in enumerate(kinds) if k in wanted]
         if self.target.layers is not None:
             explicit = set(parse_layers(self.target.layers, len(kinds)))
@@ -312,13 +366,17 @@ class PromptToPrompt(Intervention):
 
     def install(self, handle) -> list:
         self._pipe = pipeline_of(handle.model)
-        self._calls = 0
+        self._calls, self._step, self._maps = 0, None, {}
         if self._tokenizer is None and self._pipe is not None:
             self._tokenizer = getattr(self._pipe, "tokenizer", None)
-        if self.prompts is not None:
-            self.set_prompts(self.prompts)
+        if self.prompts is not None and self._tokenizer is not None:
+            self.set_prompts(self.prompts)  # a bare denoiser: call set_prompts(prompts, tokenizer) after attaching
         denoisers = denoisers_of(handle.model)
-        return [handle.hook(d, self._locate_step, pre=True, with_kwargs=True) for d in denoisers]
+        hooks = [handle.hook(d, self._locate_step, pre=True, with_kwargs=True) for d in denoisers]
+        scheduler = getattr(self._pipe, "scheduler", None)
+        if self.blend_words is not None and scheduler is not None:
+            hooks.append(SchedulerStepHook(scheduler, self._after_step, handle))
+        return hooks
 
     def set_prompts(self, prompts: list[str], tokenizer=None) -> None:
         """Set (or change) ``[source, target, …]`` and build the token tables; call before running the pipeline."""
@@ -339,6 +397,8 @@ class PromptToPrompt(Intervention):
             tables["a_tok"] = torch.stack([a for _, a in maps])  # [K, T]
         if self.equalizer:
             tables["eq"] = torch.stack([equalizer_row(tokenizer, t, self.equalizer, T) for t in targets])  # [K, T]
+        if self.blend_words is not None:
+            tables["blend"] = blend_word_alphas(tokenizer, self.prompts, self.blend_words, T)  # [P, T]
         self._tables = tables
         self._alpha_cache: dict[int, torch.Tensor] = {}
 
@@ -353,6 +413,8 @@ class PromptToPrompt(Intervention):
             else:
                 located = (self._calls % self.num_steps, self.num_steps)
         self._calls += 1
+        if located[0] == 0 and (self._step is None or self._step[0] != 0):
+            self._maps = {}  # a new sampling run: LocalBlend's maps start again
         self._step = located
 
     def _alpha(self, num_steps: int) -> torch.Tensor:
@@ -390,20 +452,28 @@ class PromptToPrompt(Intervention):
         """probs ``[B, H, Q, K]``: edit the conditional rows of the targets; everything else untouched."""
         if not self.prompts or self._step is None:
             return probs
+        if not self._tables:
+            self._warn("tables", "prompt-to-prompt: no tokenizer for the prompts yet; call set_prompts(prompts, "
+                                 "tokenizer) after attaching (left unedited)")
+            return probs
         rows = self._cond_rows(ctx.batch)
         if rows is None:
             self._warn(("batch", ctx.batch), f"prompt-to-prompt: batch {ctx.batch} does not fit {len(self.prompts)} "
                                              "prompts ([uncond ×P, cond ×P]); left unedited (num_images_per_prompt "
                                              "must be 1)")
             return probs
+        kind = self._kinds[ctx.layer]
+        if kind == "joint":
+            return self._edit_joint(probs, ctx, rows)
         step, num_steps = self._step
         block = probs[rows]  # [P, H, Q, K]
-        if self._kinds[ctx.layer] == "cross":
+        if kind == "cross":
             if ctx.k_len != self._tables["T"]:
                 self._warn(("T", ctx.layer), f"prompt-to-prompt: layer {ctx.layer} has {ctx.k_len} text keys, the "
                                              f"tokenizer pads to {self._tables['T']}; left unedited")
                 return probs
             new = self.edit_cross(block[0], block[1:], step, num_steps)  # [K, H, Q, T]
+            self._collect(torch.cat([block[:1], new]), ctx)
         elif ctx.q_len <= self.self_max_queries and in_self_window(self.self_replace_steps, step, num_steps):
             new = block[:1].expand_as(block[1:])  # [K, H, Q, Q]: the source's self-attention
         else:
@@ -411,3 +481,75 @@ class PromptToPrompt(Intervention):
         out = probs.clone()
         out[rows.start + 1: rows.stop] = new
         return out
+
+    def _edit_joint(self, probs, ctx, rows: slice) -> torch.Tensor:
+        """Joint attention (SD3/Flux): edit the image rows' image→text block as a cross-attention map and copy the
+        source's image→image block in the self-replace window; the image block is rescaled to keep rows at 1."""
+        text = ctx.key_mask("text")[0]  # [K] (the same labels for every sample of a call)
+        if ctx.q_len != ctx.k_len or int(text.sum()) != self._tables["T"]:
+            self._warn(("T", ctx.layer), f"prompt-to-prompt: joint layer {ctx.layer} has {int(text.sum())} text keys, "
+                                         f"the tokenizer gives {self._tables['T']}; left unedited")
+            return probs
+        step, num_steps = self._step
+        tt, ii = text.nonzero().flatten(), (~text).nonzero().flatten()  # text / image key (and query) indices
+        block = probs[rows][:, :, ii]  # [P, H, Qi, N]: image query rows
+        base_t, rep_t = block[0][..., tt], block[1:][..., tt]  # [H, Qi, T], [K, H, Qi, T]
+        new_t = self.edit_cross(base_t, rep_t, step, num_steps)  # [K, H, Qi, T]
+        self._collect(torch.cat([base_t[None], new_t]), ctx)
+        if len(ii) <= self.self_max_queries and in_self_window(self.self_replace_steps, step, num_steps):
+            img = block[:1][..., ii].expand(rows.stop - rows.start - 1, -1, -1, -1)  # [K, H, Qi, Qi] the source's
+        else:
+            img = block[1:][..., ii]  # the targets' own
+        room = (1.0 - new_t.sum(-1, keepdim=True)).clamp_min(0.0)  # [K, H, Qi, 1] what the text block leaves
+        img = img * room / img.sum(-1, keepdim=True).clamp_min(1e-30)
+        new_rows = block[1:].clone()  # [K, H, Qi, N]
+        new_rows[..., ii] = img
+        new_rows[..., tt] = new_t
+        out = probs.clone()
+        target = out[rows.start + 1: rows.stop]  # [K, H, N, N] (a view)
+        target[:, :, ii] = new_rows
+        return out
+
+    # ---- LocalBlend ------------------------------------------------------------------------------------------------
+    def _collect(self, cond: torch.Tensor, ctx) -> None:
+        """Add this layer's word maps (cond cross maps ``[P, H, Q, T]`` after the edit) to LocalBlend's store."""
+        if "blend" not in self._tables or "mid_block" in self._names[ctx.layer]:
+            return
+        alphas = self._tables["blend"].to(cond)  # [P, T]
+        maps = (cond.float() * alphas[:, None, None, :]).sum(-1).sum(1)  # [P, Q]: words, then heads
+        q = maps.shape[-1]
+        self._maps[q] = maps.detach().cpu() + self._maps.get(q, 0)
+
+    def blend_latents(self, latents: torch.Tensor, step: int | None = None, num_steps: int | None = None):
+        """LocalBlend on the latents after a scheduler step (``[P, C, H, W]``, or packed ``[P, H·W, C]``): targets
+        keep their own content only inside their blend mask. Runs by itself with a pipeline; call it yourself with
+        a bare denoiser. Returns the latents unchanged before ``blend_start`` or without maps."""
+        if "blend" not in self._tables or not self._maps:
+            return latents
+        step, num_steps = (step, num_steps) if step is not None else (self._step or (0, 1))
+        if step < int(self.blend_start * num_steps) or latents.shape[0] != len(self.prompts):
+            return latents
+        hw = latent_grid(latents)
+        if hw is None:
+            self._warn("grid", "prompt-to-prompt: LocalBlend cannot tell the latents' grid (packed, not square); "
+                               "left unblended")
+            return latents
+        queries, grid = self._blend_layers(hw)
+        if grid is None:
+            self._warn("grid", f"prompt-to-prompt: no cross-attention map matches the {hw} latent; left unblended")
+            return latents
+        self.last_blend_mask = blend_mask(self._maps[queries], grid, hw, self.blend_threshold)  # [P, 1, H, W]
+        return local_blend(latents, self.last_blend_mask.to(latents.device))
+
+    def _blend_layers(self, hw: tuple[int, int]) -> tuple[int | None, tuple[int, int] | None]:
+        """The query count whose maps LocalBlend uses: the latent/4 grid when stored, else the coarsest one."""
+        fits = {q: grid_of(q, hw) for q in self._maps}
+        fits = {q: g for q, g in fits.items() if g is not None}
+        if not fits:
+            return None, None
+        wanted = (hw[0] // 4) * (hw[1] // 4)
+        q = wanted if wanted in fits else min(fits)
+        return q, fits[q]
+
+    def _after_step(self, latents: torch.Tensor, timestep) -> torch.Tensor:
+        return self.blend_latents(latents)

@@ -10,7 +10,13 @@ from attnkit.interventions.calibration.act_select import select_act_heads
 from attnkit.interventions.calibration.temperature import HeadTemperature
 from attnkit.interventions.scoring.divergence import drop_image_tokens, vhd_select, vision_divergence_scores
 from attnkit.interventions.scoring.image import image_centric_scores
-from attnkit.interventions.scoring.retrieval import copy_paste_hits, retrieval_scores, retrieval_trial
+from attnkit.interventions.scoring.retrieval import (
+    copy_paste_hits,
+    copy_paste_score,
+    newline_stop_ids,
+    retrieval_scores,
+    retrieval_trial,
+)
 from attnkit.interventions.scoring.sink import sink_scores
 from attnkit.interventions.scoring.streaming import local_mass, streaming_scores
 from attnkit.scores import HeadScores
@@ -27,6 +33,37 @@ def test_retrieval_worked_example_and_wrong_token():
     assert not copy_paste_hits(torch.tensor([[20]]), prompt, 120, (10, 14)).any()  # copy outside the needle
 
 
+def test_retrieval_counting_positions_never_exceeds_one_steps_is_the_released_code():
+    prompt = torch.arange(100, 125)
+    # METHODS.md worked example: span [10, 14), j* = 11, 12, 20; the first two steps copy
+    j = torch.tensor([11, 12, 20]).view(3, 1, 1)
+    for counting in ("positions", "steps"):
+        assert copy_paste_score(j, prompt, [111, 112, 999], (10, 14), counting).item() == 0.5
+    # a two-token needle copied twice before the newline (the answer repeats it): 4 copying steps
+    j = torch.tensor([10, 11, 10, 11]).view(4, 1, 1)
+    tokens = [110, 111, 110, 111]
+    assert copy_paste_score(j, prompt, tokens, (10, 12), "steps").item() == 2.0  # released code: 4 x 1/2
+    assert copy_paste_score(j, prompt, tokens, (10, 12), "positions").item() == 1.0  # |g ∩ k| / |k|
+    # attending a needle position without copying it earns nothing in either counting
+    assert copy_paste_score(j[:1], prompt, [999], (10, 12), "positions").item() == 0.0
+
+
+class _WordTokenizer:
+    """Token id i is the word ``w{i}``; ``newline`` is the id that encodes "\n" (a stand-in for a real tokenizer)."""
+
+    eos_token_id = None
+
+    def __init__(self, newline: int):
+        self.newline = newline
+
+    def __call__(self, text, add_special_tokens=False):
+        assert text == "\n"
+        return {"input_ids": [self.newline]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"w{int(i)}" for i in ids)
+
+
 def test_retrieval_trial_counts_copies_on_tiny_model():
     model = tiny_causal_lm("llama")
     ids = IDS[:1]
@@ -37,17 +74,43 @@ def test_retrieval_trial_counts_copies_on_tiny_model():
     seq = torch.cat([ids[0], gen[:-1]])[None]
     with attnkit.attach(model, [], backend="eager") as h, h.capture(queries="all") as cap, torch.no_grad():
         model(seq)
-    want = torch.zeros(2, 4)
+    credited = torch.zeros(2, 4, 6, dtype=torch.bool)
     for step, tok in enumerate(gen.tolist()):
         row = ids.shape[1] - 1 + step
         j = torch.stack([cap.last(layer)[0, :, row, : row + 1].argmax(-1) for layer in (0, 1)])  # [L, H]
-        want += copy_paste_hits(j, ids[0], tok, (3, 9)).float() / 6
-    assert torch.allclose(score, want)
-    hs = retrieval_scores(model, [{"input_ids": ids, "needle_span": (3, 9)}] * 2, max_new_tokens=4)
+        hit = copy_paste_hits(j, ids[0], tok, (3, 9))
+        for layer, head in hit.nonzero().tolist():
+            credited[layer, head, j[layer, head] - 3] = True
+    assert torch.allclose(score, credited.sum(-1).float() / 6)
+    hs = retrieval_scores(model, [{"input_ids": ids, "needle_span": (3, 9)}] * 2, success_fn=None,
+                          stop_ids=(), max_new_tokens=4)
     assert torch.allclose(hs.scores, score)
     with pytest.raises(ValueError, match="no successful"):
         retrieval_scores(model, [{"input_ids": ids, "needle_span": (3, 9)}], success_fn=lambda g, t: False,
-                         max_new_tokens=2)
+                         stop_ids=(), max_new_tokens=2)
+
+
+def test_retrieval_defaults_newline_stop_and_rouge_success():
+    model = tiny_causal_lm("llama")
+    ids_a, ids_b = IDS[:1], IDS[1:]
+    _, free = retrieval_trial(model, ids_a, (3, 9), max_new_tokens=6)  # what the model says without a stop
+    with pytest.raises(ValueError, match="tokenizer"):
+        retrieval_scores(model, [{"input_ids": ids_a, "needle_span": (3, 9)}])
+    tok = _WordTokenizer(newline=int(free[2]))  # the third answer token is "the newline"
+    assert newline_stop_ids(tok) == [int(free[2])]
+    score_a, gen_a = retrieval_trial(model, ids_a, (3, 9), max_new_tokens=6, stop_ids=newline_stop_ids(tok))
+    first_newline = free.tolist().index(int(free[2]))
+    assert gen_a.tolist() == free[: first_newline + 1].tolist()  # stops after emitting the newline
+    score_b, gen_b = retrieval_trial(model, ids_b, (3, 9), max_new_tokens=6, stop_ids=newline_stop_ids(tok))
+    answer_a = tok.decode(gen_a)
+    trials = [{"input_ids": ids_a, "needle_span": (3, 9), "reference": answer_a},  # recall 100: counts
+              {"input_ids": ids_b, "needle_span": (3, 9), "reference": "w126 w127"}]  # recall 0: left out
+    hs = retrieval_scores(model, trials, tokenizer=tok, max_new_tokens=6)
+    assert hs.params["successful"] == 1 and trials[0]["rouge"] == 100.0 and trials[1]["rouge"] == 0.0
+    assert torch.allclose(hs.scores, score_a)
+    every = retrieval_scores(model, trials, success_fn=None, tokenizer=tok, max_new_tokens=6)
+    assert torch.allclose(every.scores, (score_a + score_b) / 2)
+    assert float(hs.scores.max()) <= 1.0
 
 
 def test_sink_and_streaming_scores_match_hand_computation():

@@ -47,13 +47,98 @@ def test_conserves_rows_and_moves_exactly_p_of_sink_mass():
         assert torch.allclose(out[groups == 3] / img, (out[groups == 3] / img)[0].expand_as(img), atol=1e-5)
 
 
+def test_layer_without_visual_sink_is_untouched_by_default_and_moved_under_the_paper_flag():
+    # issue 13.1: other, image (0 attention), text sink (e.g. BOS), image; no visual sink in this layer
+    row, groups = torch.tensor([0.30, 0.0, 0.40, 0.30]), torch.tensor([0, 3, 2, 3])
+    none = torch.tensor([False])
+    assert torch.equal(_apply(row, groups, p=0.4, rho=0.5, visual_sinks=none), row)  # released code
+    assert torch.equal(_apply(row, groups, p=0.6, rho=0.5, convention="code", n_image=2, visual_sinks=none), row)
+    moved = _apply(row, groups, p=0.4, rho=0.5)  # the paper's rule read literally: 0.4 x 0.40 goes to the image
+    assert torch.allclose(moved, torch.tensor([0.30, 0.0, 0.24, 0.46]), atol=1e-7)
+    # a layer that does have a visual sink is redistributed as before (worked example)
+    out = _apply(A, GROUPS, p=0.4, rho=0.5, visual_sinks=torch.tensor([True]))
+    assert torch.allclose(out, torch.tensor([0.24, 0.09, 0.26, 0.173333, 0.086667, 0.15]), atol=1e-6)
+
+
+def _text_only_sink_setting(model, inputs, layer=1):
+    """(dims, tau) under which the stock input of ``layer`` has text sinks and no visual sink in any sample."""
+    from attnkit.hooks.transformers import text_model_of
+    from attnkit.interventions.sinks.detect import sink_dim_values
+
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen["h"] = kwargs.get("hidden_states", args[0] if args else None)  # [B, N, D]
+
+    hook = text_model_of(model).layers[layer].register_forward_pre_hook(keep, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    image = inputs["input_ids"] == model.config.image_token_id
+    text = inputs["attention_mask"].bool() & ~image
+    for d in range(seen["h"].shape[-1]):
+        phi = sink_dim_values(seen["h"], [d])  # [B, N]
+        top_image, top_text = phi[image].max(), phi[text].max()
+        if top_text > top_image + 0.2:
+            return [d], float(top_image + top_text) / 2
+    raise AssertionError("no dimension separates text from image tokens")
+
+
+def test_no_visual_sink_inside_a_tiny_vlm_leaves_the_layer_stock_unless_the_paper_flag():
+    model = tiny_vlm("llava")
+    inputs = vlm_inputs("llava", model, batch=2, left_pad=2)
+    dims, tau = _text_only_sink_setting(model, inputs)
+    with attnkit.attach(model, [], backend="eager") as h, h.capture(layers=[1], queries="all") as cap, torch.no_grad():
+        model(**inputs)
+    stock = cap.last(1)
+    kw = dict(tau=tau, sink_dims=dims, rho=0.3, min_image_mass=0.05, first_layer=0, except_last_layer=False,
+              layers=[1])
+    outs = {}
+    for require in (True, False):
+        iv = VAR(require_visual_sink=require, **kw)
+        with attnkit.attach(model, [iv], backend="eager") as h, h.capture(layers=[1], queries="all") as cap, \
+                torch.no_grad():
+            model(**inputs)
+        outs[require] = cap.last(1)
+        sinks = iv._sinks[1][1]
+    image = inputs["input_ids"] == model.config.image_token_id
+    assert sinks.any() and not (sinks & image).any(), "the setting must give text sinks only"
+    assert torch.allclose(outs[True], stock, atol=1e-7, rtol=0)  # (renormalised by Σ M_g = 1 ± 1 ulp)
+    groups = torch.zeros_like(inputs["input_ids"])
+    groups[image], groups[sinks] = 3, 2
+    text_rows = inputs["attention_mask"].bool() & ~image
+    b, q = text_rows.nonzero()[-1].tolist()
+    for hh in range(stock.shape[1]):
+        want = _apply(stock[b, hh, q], groups[b], p=0.4, rho=0.3, min_image_mass=0.05)
+        assert torch.allclose(outs[False][b, hh, q], want, atol=1e-5)
+    assert not torch.allclose(outs[False], stock, atol=1e-4)
+
+
+def test_sink_dims_must_be_given_and_auto_dims_are_per_sample_and_per_sequence():
+    model = tiny_vlm("llava")
+    with pytest.raises(attnkit.AttachError, match="sink dimensions"):
+        attnkit.attach(model, [VAR()])
+    a = vlm_inputs("llava", model, batch=2, seed=0)
+    b = vlm_inputs("llava", model, batch=1, seed=3)
+    iv = _var(rho=0.3, min_image_mass=0.05)
+    with attnkit.attach(model, [iv], backend="eager"), torch.no_grad():
+        model(**a)
+        first = iv.last_auto_dims.clone()
+        model(**b)
+        second = iv.last_auto_dims.clone()
+        model(**{k: v[1:2] for k, v in a.items()})
+        third = iv.last_auto_dims.clone()
+    assert first.shape == (2, 2) and second.shape == (1, 2)  # chosen afresh for every sequence
+    assert torch.equal(third[0], first[1])  # sample 1 alone picks its own dimensions, as it did inside the batch
+
+
 def test_image_mass_floor():
     row = torch.tensor([0.85, 0.05, 0.05, 0.05])
     assert torch.equal(_apply(row, torch.tensor([2, 3, 3, 0]), p=0.4, rho=0.5), row)  # image mass 0.1 < 0.2
 
 
 def _var(**kw):
-    base = dict(tau=1.5, first_layer=0, except_last_layer=False)
+    base = dict(tau=1.5, first_layer=0, except_last_layer=False, sink_dims="auto")
     base.update(kw)
     return VAR(**base)
 
@@ -82,7 +167,7 @@ def test_rule_inside_tiny_vlm(family):
     changed = 0
     for b in range(2):
         for q in range(stock.shape[2]):
-            if not text_rows[b, q]:
+            if not text_rows[b, q] or not (sinks[b] & image[b]).any():  # released code: no visual sink, untouched
                 assert torch.allclose(edited[b, :, q], stock[b, :, q], atol=1e-6)
                 continue
             for hh in range(stock.shape[1]):

@@ -112,6 +112,63 @@ def test_decode_steps_keep_steering_prompt_keys_only():
     assert torch.allclose(rows["pasta"], want / want.sum(-1, keepdim=True), atol=1e-5)
 
 
+def _rows(model, recipe, span, ids, nxt=None):
+    """Layer-0 attention rows [H, Q, K] of a prefill of ``ids`` (or of the decode step ``nxt`` after it)."""
+    with torch.no_grad(), attnkit.attach(model, recipe) as h:
+        h.set_span("emphasis", span)
+        if nxt is None:
+            with h.capture(layers=[0], queries="all") as cap:
+                model(input_ids=ids)
+        else:
+            out = model(input_ids=ids, use_cache=True)
+            with h.capture(layers=[0]) as cap:  # layer 0's q/k do not depend on the steering
+                model(input_ids=nxt, **cache_kwargs(model, output_cache(out)))
+    return cap.last(0)[0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "eager"])
+def test_several_sections_are_steered_one_by_one_as_the_released_hook(backend):
+    """Two sections: each adds log α outside itself, so a prompt key in c of the S sections gets α^(S − c) and a
+    generated key keeps 1 (the released ``edit_multisection_attention``; merging the ranges would give α and 1)."""
+    model = tiny_causal_lm("llama")
+    ids, nxt, alpha = torch.tensor([[1, 5, 7, 9, 11, 13, 15, 19]]), torch.tensor([[17]]), 0.1
+    pasta = lambda: [Pasta(alpha=alpha, layers=[0])]  # noqa: E731
+    two = [[(2, 4), (5, 7)]]
+    stock = _rows(model, [], two, ids, nxt)[:, 0]  # [H, K=9]
+    steered = _rows(model, pasta(), two, ids, nxt)[:, 0]
+    a = alpha
+    w = torch.tensor([a * a, a * a, a, a, a * a, a, a, a * a, 1.0])
+    want = stock * w
+    assert torch.allclose(steered, want / want.sum(-1, keepdim=True), atol=1e-5)
+    merged = stock * torch.tensor([a, a, 1, 1, a, 1, 1, a, 1.0])
+    assert not torch.allclose(steered, merged / merged.sum(-1, keepdim=True), atol=1e-3)
+    # overlapping sections inside the prefill: (1, 4) and (3, 5) → counts 0 1 1 2 1 0 0 0, S = 2
+    stock = _rows(model, [], two, ids)  # [H, N, N]
+    steered = _rows(model, pasta(), [[(1, 4), (3, 5)]], ids)
+    w = torch.tensor([a * a, a, a, 1.0, a, a * a, a * a, a * a])
+    want = stock * w
+    assert torch.allclose(steered, want / want.sum(-1, keepdim=True), atol=1e-5)
+    # a bool mask: one section per run of consecutive tokens, the same as the two ranges
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, 2:4] = mask[0, 5:7] = True
+    assert torch.allclose(_rows(model, pasta(), mask, ids, nxt), _rows(model, pasta(), two, ids, nxt), atol=1e-6)
+
+
+def test_include_and_generation_modes_per_section():
+    from attnkit.interventions.steering.pasta import pasta_key_bias
+
+    counts = torch.tensor([[0, 1, 2, 1, 0, 0]])  # two sections overlapping on key 2; key 5 was generated
+    prompt = torch.tensor([[True] * 5 + [False]])
+    two = torch.tensor([2])
+    log_a = math.log(4.0)
+    include = pasta_key_bias(counts, prompt, 4.0, "include", two) / log_a
+    assert include.tolist() == [[-1.0, 0.0, 1.0, 0.0, -1.0, 0.0]]  # +log α per section, −log α once on prompt keys
+    generation = pasta_key_bias(counts, prompt, 4.0, "generation", two) / log_a
+    assert generation.tolist() == [[2.0, 2.0, 2.0, 2.0, 2.0, 0.0]]
+    one = pasta_key_bias(counts.clamp(max=1), prompt, 0.0, "exclude")  # α = 0 masks without NaN
+    assert one.isinf().tolist() == [[True, False, False, False, True, False]] and not one.isnan().any()
+
+
 def test_generate_with_kv_cache_fused_equals_eager():
     model = tiny_causal_lm("llama")
     ids, mask, spans = _batch()

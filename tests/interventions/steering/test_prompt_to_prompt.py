@@ -6,6 +6,7 @@ import torch
 
 import attnkit
 from attnkit.interventions.steering.prompt_to_prompt import (
+    blend_word_alphas,
     PromptToPrompt,
     char_tokenizer,
     cross_alpha,
@@ -137,6 +138,19 @@ def test_self_replace_window_copies_source_self_attention(char_pipe):
             assert (tgt - src).abs().max() > 1e-4
 
 
+def test_default_self_replace_window_is_the_notebooks_0_4(char_pipe):
+    prompts = ["a cat", "a dog"]
+    p2p = PromptToPrompt(edit="replace", prompts=prompts)  # notebooks: cross 0.8, self 0.4
+    assert p2p.self_replace_steps == 0.4
+    _, records, kinds = _run(char_pipe, prompts, p2p)  # 4 steps: int(0.4 · 4) = 1, so step 0 only
+    for rec in (r for r in records if kinds[r.layer] == "self"):
+        src, tgt = _cond(rec.probs, 2)
+        if rec.call == 1:
+            torch.testing.assert_close(tgt, src, atol=0, rtol=0)
+        else:
+            assert (tgt - src).abs().max() > 1e-4
+
+
 def test_preset_loads_attaches_and_takes_prompts_later(char_pipe):
     from attnkit.recipes import load_recipe
 
@@ -156,3 +170,104 @@ def test_bad_parameters_raise():
         PromptToPrompt(edit="reweight")
     with pytest.raises(ValueError, match="at least two"):
         PromptToPrompt(prompts=["a cat"])
+
+
+# ---- joint attention (SD3 / Flux tiny denoisers) ---------------------------------------------------------------------
+def _joint_run(family, p2p, tok):
+    """One call of a tiny joint-attention denoiser on [uncond ×2, cond ×2] (5 text tokens, the char tokenizer's T),
+    captured; returns (per joint layer: probs [B, H, N, N], text mask [N]) and the component."""
+    from attnkit.testing import denoiser_inputs, tiny_denoiser
+
+    model = tiny_denoiser(family)
+    inputs = denoiser_inputs(family, batch=4)
+    with torch.no_grad(), attnkit.attach(model, [p2p] if p2p else []) as handle, \
+            handle.capture(queries="all") as cap:
+        if p2p:
+            p2p.set_prompts(["a b", "a c"], tokenizer=tok)
+        model(**inputs)
+    comp = handle.description.component("denoiser")
+    return {r.layer: r.probs for r in cap.records if comp.kinds[r.layer] == "joint"}, model
+
+
+def _text_mask(family, n_keys, n_text=5):
+    text = torch.zeros(n_keys, dtype=torch.bool)
+    if family == "flux":
+        text[:n_text] = True  # Flux: [text, image]
+    else:
+        text[n_keys - n_text:] = True  # SD3: [image, text]
+    return text
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_joint_attention_replace_and_self_replace_by_hand(family):
+    """Full windows: a target's image rows take the source's image→text block through the mapper M and the source's
+    image→image block (the row then sums to 1, so no rescaling). Text rows, the source and the uncond rows: stock."""
+    tok = char_tokenizer(max_len=5)
+    M = replace_mapper(tok, "a b", "a c", 5)
+    p2p = PromptToPrompt(edit="replace", prompts=["a b", "a c"], cross_replace_steps=1.0, self_replace_steps=1.0,
+                         num_steps=1)
+    joint, _ = _joint_run(family, p2p, tok)
+    assert joint
+    for layer, probs in joint.items():
+        text = _text_mask(family, probs.shape[-1])
+        img = ~text
+        src, tgt = probs[2], probs[3]  # cond rows: [H, N, N]
+        want_text = torch.einsum("hqw,wn->hqn", src[:, img][..., text], M)
+        torch.testing.assert_close(tgt[:, img][..., text], want_text, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(tgt[:, img][..., img], src[:, img][..., img], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(tgt[:, img].sum(-1), torch.ones_like(tgt[:, img].sum(-1)), atol=1e-5, rtol=0)
+    stock, _ = _joint_run(family, None, tok)
+    first = min(joint)
+    torch.testing.assert_close(joint[first][:3], stock[first][:3], atol=1e-6, rtol=1e-5)  # uncond ×2 + source
+    text = _text_mask(family, joint[first].shape[-1])
+    torch.testing.assert_close(joint[first][3][:, text], stock[first][3][:, text], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_joint_attention_cross_only_rescales_the_targets_own_image_block(family):
+    """Only the first joint block, no self-replace, α = 1: the image→text block is the source's mapped one and the
+    target keeps the shape of its own image→image block, rescaled to fill the rest of the row."""
+    tok = char_tokenizer(max_len=5)
+    M = replace_mapper(tok, "a b", "a c", 5)
+    stock, model = _joint_run(family, None, tok)
+    first = min(stock)
+    p2p = PromptToPrompt(edit="replace", prompts=["a b", "a c"], cross_replace_steps=1.0, self_replace_steps=0.0,
+                         num_steps=1, layers=[first])
+    joint, _ = _joint_run(family, p2p, tok)
+    probs, base = joint[first], stock[first]  # the first block's inputs are stock: its pre-edit rows are `base`
+    text = _text_mask(family, probs.shape[-1])
+    img = ~text
+    new_text = torch.einsum("hqw,wn->hqn", base[2][:, img][..., text], M)  # [H, Qi, T]
+    own = base[3][:, img][..., img]  # [H, Qi, Qi] the target's own image block
+    want_img = own * (1 - new_text.sum(-1, keepdim=True)) / own.sum(-1, keepdim=True)
+    torch.testing.assert_close(probs[3][:, img][..., text], new_text, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(probs[3][:, img][..., img], want_img, atol=1e-6, rtol=1e-5)
+    assert (probs[3][:, img][..., img] - own).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_joint_attention_local_blend_on_latents(family):
+    """blend_latents with a bare denoiser: the mask comes from the joint blocks' image→text maps of each prompt's
+    words (4x4 token grid); SD3 latents are [P, C, 8, 8] (2x2 patches), Flux latents are packed [P, 16 tokens, C]."""
+    from attnkit.interventions.steering.local_blend import blend_mask
+
+    tok = char_tokenizer(max_len=5)
+    p2p = PromptToPrompt(edit="replace", prompts=["a b", "a c"], cross_replace_steps=1.0, num_steps=1,
+                         blend_words=["b", "c"], blend_threshold=0.97)
+    joint, _ = _joint_run(family, p2p, tok)
+    alphas = blend_word_alphas(tok, ["a b", "a c"], ["b", "c"], 5)  # [P, T]
+    maps = torch.zeros(2, 16)
+    for probs in joint.values():
+        text = _text_mask(family, probs.shape[-1])
+        maps += (probs[2:4][:, :, ~text][..., text] * alphas[:, None, None, :]).sum(-1).sum(1)
+    hw = (8, 8) if family == "sd3" else (4, 4)
+    want = blend_mask(maps, (4, 4), hw, 0.97)  # [P, 1, H, W]
+    latents = torch.randn(2, 4, 8, 8) if family == "sd3" else torch.randn(2, 16, 16)
+    out = p2p.blend_latents(latents)
+    assert torch.equal(p2p.last_blend_mask, want)
+    m = want[1, 0]
+    assert (m == 0).any() and (m == 1).any(), "the test needs a mask with both regions"
+    pick = (lambda x, keep: x[:, keep]) if family == "sd3" else (lambda x, keep: x[keep.flatten()])  # noqa: E731
+    assert torch.equal(pick(out[1], m == 0), pick(latents[0], m == 0))  # outside: the source
+    assert torch.allclose(pick(out[1], m == 1), pick(latents[1], m == 1), atol=1e-6)  # inside: its own
+    assert torch.equal(out[0], latents[0])

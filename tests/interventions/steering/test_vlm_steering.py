@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import attnkit
+from attnkit.hooks.compat import cache_kwargs, output_cache
 from attnkit.interventions.pruning._vision_cls import ClsAttention
-from attnkit.interventions.pruning.vtc_cls import VTCCLS
+from attnkit.interventions.pruning.vtc_cls import VTCCLS, ensemble_layers, released_start_layer
 from attnkit.interventions.steering.cmai import CMAI, focus_scores, inhibited_pairs
-from attnkit.interventions.steering.paint import Paint, modulate
+from attnkit.interventions.steering.paint import Paint, cfg_logits, modulate, text_only_inputs
 from attnkit.testing import VISION_FAMILIES, tiny_vlm, vlm_inputs
 
 
@@ -64,6 +65,45 @@ def test_cmai_rows_match_hand_computation_on_layer0(llava):
             assert torch.allclose(steered[b, :, t], stock[b, :, t], atol=1e-6)
 
 
+def test_cmai_uses_the_models_own_mask_sliding_window_and_image_blocks():
+    """Gemma3: layer 0 slides (window 8) and image tokens attend bidirectionally inside their block. The focus score
+    is built from the layer's real attention (the stock map), and decoding with the windowed cache (whose keys are the
+    last 8 positions) equals recomputation."""
+    model = tiny_vlm("gemma3")
+    inputs = vlm_inputs("gemma3", model, batch=1)
+    with torch.no_grad():
+        with attnkit.attach(model, [], backend="eager") as h, h.capture(layers=[0], queries="all") as cap:
+            model(**inputs)
+        stock = cap.last(0)  # [1, H, N, N], windowed and bidirectional
+        with attnkit.attach(model, [CMAI(keep_ratio=0.25, layers=[0])]) as h, h.capture(layers=[0], queries="all") \
+                as cap:
+            model(**inputs)
+        steered = cap.last(0)
+    image = inputs["input_ids"][0] == model.config.image_token_id
+    text = ~image
+    a = stock[0].mean(0)  # [N, N]
+    focus = (a * text[None, :]) @ (a * image[None, :])  # [N, N]
+    img_idx = image.nonzero().flatten()
+    checked = 0
+    for t in text.nonzero().flatten().tolist():
+        keep = img_idx[focus[t, img_idx].argsort(descending=True, stable=True)[:4]]  # ties (focus 0): first ones
+        w = torch.ones(len(image))
+        w[img_idx] = 0
+        w[keep] = 1
+        want = stock[0, :, t] * w
+        if want.sum() == 0:
+            continue
+        assert torch.allclose(steered[0, :, t], want / want.sum(-1, keepdim=True), atol=1e-5)
+        checked += 1
+    assert checked > 0
+    gen = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad(), attnkit.attach(model, [CMAI(keep_ratio=0.5)]):
+        cached = model.generate(**inputs, **gen)
+        recomputed = model.generate(**inputs, use_cache=False, **gen)
+    for x, y in zip(cached.scores, recomputed.scores):
+        assert torch.allclose(x, y, atol=1e-4)
+
+
 def test_cmai_batched_per_sample_and_cache_equals_recompute(llava):
     batch, singles = _mixed(llava)
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
@@ -97,6 +137,66 @@ def test_paint_worked_example():
                  0.7, 0.3)
     assert torch.allclose(z, torch.tensor([3.4, 1.0, -0.7, 0.5]))
     assert torch.allclose(torch.softmax(z, -1), torch.tensor([0.860, 0.078, 0.014, 0.047]), atol=1e-3)
+
+
+def test_paint_cfg_term_by_hand():
+    cond, uncond = torch.tensor([2.0, 1.0, -1.0]), torch.tensor([2.5, 0.0, 0.0])
+    ls_c = cond - math.log(math.exp(2) + math.exp(1) + math.exp(-1))
+    ls_u = uncond - math.log(math.exp(2.5) + 2)
+    want = 1.1 * (ls_c - ls_u) + ls_u
+    want[2] = float("-inf")  # ls_c[2] = -3.349 < log 0.1 + max ls_c = -2.652
+    assert torch.allclose(cfg_logits(cond, uncond, 1.1), want, atol=1e-6)
+    assert torch.equal(cfg_logits(cond, uncond, 1.0), torch.log_softmax(cond, -1))  # gamma 1: the term is off
+    assert cfg_logits(cond, uncond, 2.0).argmax() == 1  # guidance against the text-only prediction flips the top
+
+
+def _paint_cfg_reference(model, batch, gamma, steps):
+    """Greedy decoding with the CFG term built by hand: the modulated model (gamma 1) with its cache, and the stock
+    model on the text-only prompt with its own cache, combined by cfg_logits."""
+    image_id = model.config.image_token_id
+    ids_u, mask_u = text_only_inputs(batch["input_ids"], batch["attention_mask"], image_id)
+    pos_u = (mask_u.cumsum(-1) - 1).clamp_min(0)
+    scores = []
+    with torch.no_grad():
+        with attnkit.attach(model, [Paint(gamma=1.0)]) as handle:  # detached() calls run the stock model
+            out_c = model(**batch, use_cache=True)
+            with handle.detached():
+                out_u = model(input_ids=ids_u, attention_mask=mask_u, position_ids=pos_u, use_cache=True)
+            mask_c = batch["attention_mask"]
+            for _ in range(steps):
+                combined = cfg_logits(out_c.logits[:, -1], out_u.logits[:, -1], gamma)  # [B, V]
+                scores.append(combined)
+                token = combined.argmax(-1, keepdim=True)  # [B, 1]
+                mask_c = torch.cat([mask_c, torch.ones_like(token)], 1)
+                mask_u = torch.cat([mask_u, torch.ones_like(token)], 1)
+                out_c = model(input_ids=token, attention_mask=mask_c, **cache_kwargs(model, output_cache(out_c)))
+                with handle.detached():
+                    out_u = model(input_ids=token, attention_mask=mask_u, position_ids=mask_u.sum(1, keepdim=True) - 1,
+                                  **cache_kwargs(model, output_cache(out_u)))
+    return scores
+
+
+def test_paint_cfg_term_in_generate_equals_the_hand_built_two_branch_decoding(llava):
+    batch, _ = _mixed(llava)  # two samples, one left-padded
+    ref = _paint_cfg_reference(llava, batch, gamma=2.0, steps=3)
+    paint = Paint(gamma=2.0)
+    with torch.no_grad(), attnkit.attach(llava, [paint]):
+        gen = llava.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None,
+                             output_scores=True, return_dict_in_generate=True)
+    for got, want in zip(gen.scores, ref):
+        finite = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(got), finite)
+        assert torch.allclose(got[finite], want[finite], atol=1e-4)
+    assert paint._branch["mask"].shape[1] == text_only_inputs(batch["input_ids"], batch["attention_mask"],
+                                                              llava.config.image_token_id)[0].shape[1] + 2
+    with torch.no_grad():
+        with attnkit.attach(llava, [Paint()]) as h:
+            plain = llava(**batch).logits
+            assert h.interventions[0]._branch is None  # gamma 1 (default): no second pass
+        with attnkit.attach(llava, [Paint(gamma=2.0)]):
+            guided = llava(**batch).logits
+    assert torch.allclose(guided[:, :-1], plain[:, :-1])  # only the last position is replaced
+    assert not torch.allclose(guided[:, -1], plain[:, -1])
 
 
 def test_paint_last_row_by_hand_and_batching(llava):
@@ -143,6 +243,48 @@ def test_vtc_cls_worked_example_and_selection_by_hand(llava):
         want = sorted(img_idx[cls[b].topk(5).indices].tolist())
         kept = plan.index[b][plan.slot_real[b]].tolist()
         assert [i for i in kept if image[b, i]] == want
+
+
+def _deep_tower_llava(depth: int):
+    """The tiny LLaVA with a ``depth``-layer CLIP tower (features from the penultimate layer, as LLaVA-1.5)."""
+    from attnkit.hooks.compat import model_from_config
+    from attnkit.testing import _tiny_vlm_config
+    from transformers import LlavaForConditionalGeneration
+
+    config = _tiny_vlm_config("llava")
+    config.vision_config.num_hidden_layers = depth
+    config.vision_feature_layer = -2
+    torch.manual_seed(0)
+    return model_from_config(LlavaForConditionalGeneration, config, attn_implementation="sdpa").eval()
+
+
+def test_vtc_cls_default_is_the_released_layer_ensemble_scaled_to_the_tower():
+    assert ensemble_layers(24, None) == list(range(16, 23))  # --layer 16 on CLIP-L/336: attentions[16:-1]
+    assert ensemble_layers(24, -2) == [22]  # the penultimate-only variant
+    assert [released_start_layer(n) for n in (24, 12, 6, 2)] == [16, 8, 4, 0]
+    model = _deep_tower_llava(12)
+    batch, _ = _mixed(model)
+    with torch.no_grad():
+        model.set_attn_implementation({"text_config": "sdpa", "vision_config": "eager"})
+        tower = model.model.vision_tower(batch["pixel_values"], output_attentions=True)
+        model.set_attn_implementation({"text_config": "sdpa", "vision_config": "sdpa"})
+        ensemble = sum(tower.attentions[i][:, :, 0, 1:].mean(1) for i in (8, 9, 10))  # [B, P] layers 8..10
+        last = tower.attentions[10][:, :, 0, 1:].mean(1)
+        plans = {}
+        for start in (None, -2):
+            with attnkit.attach(model, [VTCCLS(keep=5, start_layer=start)]) as h:
+                model(**batch)
+                plans[start] = h.interventions[0]._dropper.plan
+                assert h.interventions[0]._cls.layers == ([8, 9, 10] if start is None else [10])
+    image = batch["input_ids"] == model.config.image_token_id
+    differs = False
+    for b in range(2):
+        img_idx = image[b].nonzero().flatten()
+        for start, score in ((None, ensemble), (-2, last)):
+            kept = plans[start].index[b][plans[start].slot_real[b]].tolist()
+            assert [i for i in kept if image[b, i]] == sorted(img_idx[score[b].topk(5).indices].tolist())
+        differs |= set(ensemble[b].topk(5).indices.tolist()) != set(last[b].topk(5).indices.tolist())
+    assert differs, "the test needs a case where the ensemble and the penultimate layer disagree"
 
 
 @pytest.mark.parametrize("positions", ["contiguous", "original"])
