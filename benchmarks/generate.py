@@ -1,13 +1,16 @@
 """Cost of attaching attnkit to `generate` on the real SmolLM2-135M-Instruct (CPU).
 
-Arms, timed alternately in one run (best of --repeats each):
-  stock      the model as loaded (SDPA);
-  identity   attach with a no-op recipe (every layer routed through attnkit's dispatcher, fused SDPA path);
-  reweight   attach with an ACT-like first-token reweighting on every layer (exact group partials, torch backend).
-Prints a table of time ratios against stock. Issue target: identity adds ≤ 5 % to generate time
-(512-token prompt, 64 new tokens).
+Arms, timed alternately in one run (best of --repeats each; every arm's best is divided by stock's best):
+  stock        the model as loaded (SDPA);
+  identity     ``noop`` (edit_output): every layer routed through attnkit's dispatcher, fused SDPA path;
+  temperature  ``head-temperature`` with log-length scaling (per-row query_scale, fused SDPA);
+  pasta        ``pasta`` α = 0.01 on every head (a per-key score_bias: one fused call with a column mask);
+  reweight     an ACT-like first-token reweighting on every layer (group_factors: exact group partials);
+  act          ``act`` β = 0.4 on every layer (key_stats at the prefill + group_factors on every step).
+Prints a table of time ratios against stock. Issue #17 targets: identity ≤ 1.02× stock, every fused
+intervention ≤ 1.10× stock (512-token prompt, 64 new tokens).
 
-    python benchmarks/generate.py [--prompt-tokens 512] [--new-tokens 64] [--repeats 3]
+    python benchmarks/generate.py --threads 1 [--prompt-tokens 512] [--new-tokens 64] [--repeats 3] [--arms ...]
 """
 
 from __future__ import annotations
@@ -15,6 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+
+import sys as _sys
+from pathlib import Path as _Path
+
+# measure this checkout's attnkit, not whichever one is installed in the environment
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -45,42 +54,82 @@ def prompt_ids(tokenizer, n_tokens: int) -> torch.Tensor:
     return ids
 
 
-def time_generate(model, ids, new_tokens: int) -> float:
-    start = time.perf_counter()
+def time_generate(model, ids, new_tokens: int, timer=time.perf_counter) -> float:
+    start = timer()
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              pad_token_id=0)
     assert out.shape[1] == ids.shape[1] + new_tokens
-    return time.perf_counter() - start
+    return timer() - start
 
 
-def main(argv=None) -> None:
+def _attach(recipe, emphasis=None):
+    def make(model):
+        handle = attnkit.attach(model, recipe())
+        if emphasis is not None:
+            handle.set_span("emphasis", [[emphasis]])
+        return handle
+    return make
+
+
+def arms(prompt_tokens: int) -> dict:
+    """name -> (what it exercises, a function model -> context manager)."""
+    from attnkit.api import get_intervention
+
+    span = (prompt_tokens // 4, prompt_tokens // 4 + 32)  # PASTA's emphasised instruction: 32 prompt tokens
+    return {
+        "stock": ("the model as loaded (SDPA)", lambda model: contextlib.nullcontext()),
+        "identity": ("noop: dispatcher + fused SDPA", _attach(lambda: [Noop()])),
+        "temperature": ("head-temperature, log-length (query_scale per row)",
+                        _attach(lambda: [get_intervention("head-temperature")(temperature=0.8, log_length_base=4)])),
+        "pasta": ("pasta α=0.01 (score_bias per key)",
+                  _attach(lambda: [get_intervention("pasta")(alpha=0.01)], emphasis=span)),
+        "reweight": ("first-token ×0.4 (group_factors)", _attach(lambda: [DampFirst()])),
+        "act": ("act β=0.4 (key_stats + group_factors)", _attach(lambda: [get_intervention("act")(beta=0.4)])),
+    }
+
+
+def main(argv=None) -> list[dict]:
+    from _common import checkout, environment_line, load_average
+
+    all_arms = arms(512)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--arms", nargs="+", default=list(all_arms), choices=list(all_arms))
+    parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                        help="cpu = process CPU time (default with --threads 1), wall = elapsed time")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from _common import clock, default_clock
+
+    args.clock = args.clock or default_clock()
+    timer = clock(args.clock)
     model, tokenizer = load_smollm2()
     ids = prompt_ids(tokenizer, args.prompt_tokens)
-    arms = {
-        "stock": lambda: contextlib.nullcontext(),
-        "identity": lambda: attnkit.attach(model, [Noop()]),
-        "reweight": lambda: attnkit.attach(model, [DampFirst()]),
-    }
+    chosen = {name: arm for name, arm in arms(args.prompt_tokens).items() if name in args.arms or name == "stock"}
+    print(environment_line())
+    print(checkout())
+    load_before = load_average()
     time_generate(model, ids, 4)  # warm-up
-    best = {name: float("inf") for name in arms}
+    best = {name: float("inf") for name in chosen}
     for _ in range(args.repeats):  # alternate arms so drifting machine load hits them alike
-        for name, make in arms.items():
-            with make():
-                best[name] = min(best[name], time_generate(model, ids, args.new_tokens))
+        for name, (_, make) in chosen.items():
+            with make(model):
+                time_generate(model, ids, 2)  # the arm's own warm-up (first calls, caches)
+                best[name] = min(best[name], time_generate(model, ids, args.new_tokens, timer))
     print(f"\nSmolLM2-135M-Instruct generate: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats}")
-    print(f"| arm | seconds | × stock |\n|---|---|---|")
+          f"{torch.get_num_threads()} threads, {args.clock} time, best of {args.repeats}, arms alternated; "
+          f"load average {load_before} before, {load_average()} after")
+    print(f"| arm | what runs | {args.clock} seconds | × stock |\n|---|---|---|---|")
+    rows = []
     for name, seconds in best.items():
-        print(f"| {name} | {seconds:.2f} | {seconds / best['stock']:.3f} |")
+        rows.append(dict(arm=name, seconds=seconds, ratio=seconds / best["stock"]))
+        print(f"| {name} | {chosen[name][0]} | {seconds:.2f} | {seconds / best['stock']:.3f} |")
+    return rows
 
 
 if __name__ == "__main__":

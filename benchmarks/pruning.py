@@ -13,6 +13,12 @@ import argparse
 import statistics
 import time
 
+import sys as _sys
+from pathlib import Path as _Path
+
+# measure this checkout's attnkit, not whichever one is installed in the environment
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+
 import torch
 
 from attnkit.hooks.compat import model_from_config

@@ -33,6 +33,12 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+import sys as _sys
+from pathlib import Path as _Path
+
+# measure this checkout's attnkit, not whichever one is installed in the environment
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))
+
 import torch
 
 import attnkit

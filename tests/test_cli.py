@@ -56,6 +56,10 @@ EXPECTED = {
     "designedit": ("diffusion", "-"), "ditctrl": ("diffusion", "-"), "fatezero": ("diffusion", "-"),
     "freecustom": ("diffusion", "-"), "masactrl": ("diffusion", "-"), "styleid": ("diffusion", "-"),
     "styleid-diffusers": ("diffusion", "-"),
+    # long context, position bias and cropping (issue 16)
+    "agla": ("VLM", "-"), "duo-attention": ("LLM/VLM", "-"), "long-heads": ("LLM/VLM", "-"),
+    "pine": ("LLM/VLM", "pine_segments"), "razor-attention": ("LLM/VLM", "-"),
+    "recycled-attention": ("LLM/VLM", "-"), "tidal-decode": ("LLM/VLM", "-"), "token-select": ("LLM/VLM", "-"),
 }
 
 

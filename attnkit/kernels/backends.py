@@ -2,6 +2,9 @@
 
 * ``eager`` — the reference: materialises scores and probabilities ``[B,H,Q,K]`` and applies every hook literally.
 * ``torch`` — CPU/GPU, no ``[Q, K]`` matrix for structured edits (fused SDPA, span decomposition, query chunks).
+* ``flex`` — compiled FlexAttention (:mod:`attnkit.kernels.flex`): score_mod / block_mask for pre-softmax edits
+  and logit soft-capping; post-softmax group edits only where compiled flex returns the LSE (CUDA). Never chosen
+  automatically on CPU (every new shape compiles; slower than ``torch`` there: see :data:`COSTS`).
 * ``triton`` — GPU fused kernels for group partials, group biases and key statistics (CPU only through the
   interpreter, never chosen automatically there).
 
@@ -10,10 +13,13 @@ masks, padding): the fused ones take a fast path only when the mask provably has
 (+ window) structure and otherwise slice the given mask per query chunk (:mod:`attnkit.kernels.masks`). The
 ``mask`` capability records that contract; a backend without it would never be picked for a layer.
 
-``choose_backend("auto", needs, device)`` picks the first backend of :data:`BACKEND_NAMES` that supports every
-capability the layer's interventions need; an explicit choice that cannot work raises naming the intervention and
-the missing capability. The kernel functions' ``backend=`` arguments (``grouped.group_partials`` …) take the same
-names (:func:`kernel_name`). This module imports no kernel at import time, so every kernel module may import it.
+``choose_backend("auto", needs, device)`` considers the backends that support every capability the layer's
+interventions need on that device and are available there, and picks the cheapest by :data:`COSTS` — time over
+stock SDPA per edit class, measured once per device type with ``benchmarks/attention.py --costs`` — or, where a
+device type has no measurements (GPUs until one is lent), the first in :data:`BACKEND_NAMES`. :func:`explain` says
+why, per backend. An explicit choice that cannot work raises naming the intervention and the missing capability.
+The kernel functions' ``backend=`` arguments (``grouped.group_partials`` …) take the same names
+(:func:`kernel_name`). This module imports no kernel at import time, so every kernel module may import it.
 
 Example:
     >>> choose_backend("auto", {"edit_output": ["gain"]}, "cpu").name
@@ -22,23 +28,27 @@ Example:
     'eager'
     >>> choose_backend("auto", {"group_factors": ["act"]}, "cpu").name
     'torch'
+    >>> sorted(BACKENDS.get("flex").capabilities_on("cpu") - BACKENDS.get("flex").capabilities_on("cuda"))
+    []
     >>> kernel_name("torhc")
     Traceback (most recent call last):
     ...
-    ValueError: unknown backend 'torhc'; did you mean 'torch'? Choose one of triton, torch, eager
+    ValueError: unknown backend 'torhc'; did you mean 'torch'? Choose one of triton, flex, torch, eager
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
+import shutil
 from dataclasses import dataclass
 from typing import Callable
 
 from attnkit.registry import Registry
 
 #: every backend, in the order ``auto`` prefers them (fastest first); the only place backend names are declared
-BACKEND_NAMES = ("triton", "torch", "eager")
+BACKEND_NAMES = ("triton", "flex", "torch", "eager")
 #: what a recipe may ask for
 REQUESTABLE = ("auto",) + BACKEND_NAMES
 
@@ -53,9 +63,33 @@ TORCH_CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_output", "gro
                                 "mask"}) | PRE_BACKEND_CAPABILITIES
 TRITON_CAPABILITIES = frozenset({"query_scale", "group_factors", "key_stats", "edit_output",
                                  "mask"}) | PRE_BACKEND_CAPABILITIES
+#: flex everywhere; ``group_factors`` needs each group's LSE from compiled flex: CUDA only (see kernels/flex.py)
+FLEX_CAPABILITIES = frozenset({"query_scale", "score_bias", "edit_output", "softcap", "mask",
+                               "key_stats"}) | PRE_BACKEND_CAPABILITIES
+FLEX_LSE_CAPABILITIES = frozenset({"group_factors"})
 #: capability pairs the fused backends cannot combine in one layer (an arbitrary score bias breaks group partials
 #: and the key statistics, which are computed from q and k)
 FUSED_UNSUPPORTED = (frozenset({"score_bias", "group_factors"}), frozenset({"score_bias", "key_stats"}))
+#: flex soft-caps inside score_mod; its group partials and key statistics are computed without the cap
+FLEX_UNSUPPORTED = FUSED_UNSUPPORTED + (frozenset({"softcap", "group_factors"}), frozenset({"softcap", "key_stats"}))
+
+#: which edit class (a row of ``benchmarks/attention.py``) each capability costs
+EDIT_CLASS = {"query_scale": "none", "edit_output": "none", "mask": "none", "score_bias": "bias",
+              "group_factors": "reweight", "key_stats": "key_mass", "softcap": "softcap", "edit_scores": "materialise",
+              "edit_probs": "materialise", "probs": "materialise"}
+
+#: edit classes that are a pass of their own (key statistics), added to the attention call's cost
+ADDITIVE_CLASSES = frozenset({"key_mass"})
+#: time / stock SDPA per device type, backend and edit class (B=1, H=8, D=64, fp32, N=2048, one thread), measured with
+#: ``python benchmarks/attention.py --costs`` (it prints this table; see benchmarks/README.md for the run and its
+#: load). A layer costs its most expensive attention class plus every additive pass it needs.
+COSTS = {
+    "cpu": {
+        "torch": {"none": 1.02, "bias": 1.07, "reweight": 1.25, "key_mass": 1.05},
+        "eager": {"none": 10.5, "bias": 11.9, "reweight": 10.6, "key_mass": 5.5, "softcap": 11.0, "materialise": 10.5},
+        "flex": {"none": 1.7, "bias": 1.8, "softcap": 1.9, "key_mass": 1.05},
+    },
+}
 
 BACKENDS = Registry("backend")
 
@@ -86,10 +120,38 @@ class Backend:
     unsupported_combinations: tuple = ()  # capability sets that cannot share one layer
     kwargs: tuple = ()  # extra keyword arguments for the function, as (name, value) pairs
     auto_on_cpu: bool = True  # may ``auto`` pick it on a CPU device
+    #: capabilities that exist only on some device types: device type -> extra capabilities
+    device_capabilities: tuple = ()  # ((device_type, frozenset), ...)
 
-    def supports(self, needs) -> bool:
+    def capabilities_on(self, device_type: str) -> frozenset:
+        extra = [caps for dev, caps in self.device_capabilities if dev == device_type]
+        return self.capabilities.union(*extra)
+
+    def supports(self, needs, device_type: str = "cpu") -> bool:
         caps = set(needs)
-        return caps <= self.capabilities and not any(combo <= caps for combo in self.unsupported_combinations)
+        return caps <= self.capabilities_on(device_type) and not any(
+            combo <= caps for combo in self.unsupported_combinations)
+
+    def missing(self, needs: dict, device_type: str) -> dict:
+        """Capability → names of the interventions needing it, for what this backend cannot run here."""
+        have = self.capabilities_on(device_type)
+        missing = {cap: names for cap, names in needs.items() if cap not in have}
+        for combo in self.unsupported_combinations:
+            if combo <= set(needs):
+                missing.update({cap: needs[cap] for cap in combo})
+        return missing
+
+    def cost(self, needs, device_type: str) -> float | None:
+        """Estimated time / stock SDPA for a layer needing ``needs`` (None: not measured on this device type)."""
+        table = COSTS.get(device_type, {}).get(self.name)
+        if table is None:
+            return None
+        classes = {EDIT_CLASS.get(cap, "none") for cap in needs}
+        try:
+            attention = max(table[c] for c in classes - ADDITIVE_CLASSES | {"none"})
+            return round(attention + sum(table[c] for c in classes & ADDITIVE_CLASSES), 2)
+        except KeyError:
+            return None
 
     @property
     def attention(self) -> Callable:
@@ -112,10 +174,34 @@ def _triton_unavailable(device_type: str) -> str | None:
     return None
 
 
+def flex_unavailable(device_type: str) -> str | None:
+    """None when compiled FlexAttention can run on ``device_type``, else the reason (no kernel import).
+
+    Example:
+        >>> flex_unavailable("mps") is not None
+        True
+    """
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        return "this torch has no torch.nn.attention.flex_attention (torch >= 2.5 needed)"
+    if device_type == "cuda":
+        import torch
+
+        return None if torch.cuda.is_available() else "no CUDA device"
+    if device_type == "cpu":
+        if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+            return "compiling FlexAttention on CPU needs a C++ compiler (g++ / clang++) on PATH"
+        return None
+    return f"FlexAttention is not compiled for {device_type} here"
+
+
 BACKENDS.register("eager", Backend("eager", EAGER_CAPABILITIES, "attnkit.kernels.eager:eager_attention",
                                    returns_probs=True))
 BACKENDS.register("torch", Backend("torch", TORCH_CAPABILITIES, "attnkit.kernels.torch_path:torch_attention",
                                    unsupported_combinations=FUSED_UNSUPPORTED))
+#: FlexAttention, compiled: a CPU choice only on request (first call of every shape compiles for seconds)
+BACKENDS.register("flex", Backend("flex", FLEX_CAPABILITIES, "attnkit.kernels.flex:flex_attention",
+                                  available=flex_unavailable, unsupported_combinations=FLEX_UNSUPPORTED,
+                                  auto_on_cpu=False, device_capabilities=(("cuda", FLEX_LSE_CAPABILITIES),)))
 #: Triton: group partials in one fused pass per group; plain attention stays on PyTorch's fused SDPA kernels. The
 #: interpreter is for tests, never an automatic choice on CPU.
 BACKENDS.register("triton", Backend("triton", TRITON_CAPABILITIES, "attnkit.kernels.torch_path:torch_attention",
@@ -131,10 +217,7 @@ def choose_backend(requested: str, needs: dict[str, list[str]], device) -> Backe
     needs = {"mask": ["the model's attention mask"], **needs}
     if requested != "auto":
         backend = BACKENDS.get(requested)
-        missing = {cap: names for cap, names in needs.items() if cap not in backend.capabilities}
-        for combo in backend.unsupported_combinations:
-            if combo <= set(needs):
-                missing.update({cap: needs[cap] for cap in combo})
+        missing = backend.missing(needs, device_type)
         if missing:
             detail = "; ".join(f"{', '.join(sorted(set(n)))} needs '{cap}'" for cap, n in missing.items())
             raise ValueError(f"backend {requested!r} cannot run this recipe: {detail}. Use backend='auto' or 'eager'.")
@@ -142,10 +225,55 @@ def choose_backend(requested: str, needs: dict[str, list[str]], device) -> Backe
         if reason:
             raise ValueError(f"backend {requested!r} is unavailable on {device_type}: {reason}")
         return backend
+    verdicts = explain(needs, device_type)
+    chosen = next((v for v in verdicts if v["chosen"]), None)
+    if chosen is None:
+        raise ValueError(f"no backend supports {sorted(needs)} on {device_type}")
+    return BACKENDS.get(chosen["backend"])
+
+
+def explain(needs: dict[str, list[str]], device) -> list[dict]:
+    """How ``auto`` decides for a layer needing ``needs`` on ``device``: one dict per backend, in
+    :data:`BACKEND_NAMES` order, with ``backend``, ``eligible``, ``cost`` (estimated time / SDPA or None),
+    ``reason`` (one phrase) and ``chosen`` (exactly one is True when any backend can run the layer).
+
+    Example:
+        >>> [(v["backend"], v["chosen"], v["reason"]) for v in explain({"group_factors": ["var"]}, "cpu")][2:]
+        [('torch', True, 'cheapest measured (~1.25× SDPA)'), ('eager', False, 'measured ~10.6× SDPA')]
+        >>> explain({"softcap": ["gemma2"]}, "cpu")[1]["reason"]
+        'never automatic on CPU (compiles per shape; measured ~1.9× SDPA)'
+    """
+    device_type = getattr(device, "type", str(device))
+    needs = {"mask": ["the model's attention mask"], **needs}
+    verdicts = []
     for name in BACKEND_NAMES:
         backend = BACKENDS.get(name)
-        if device_type != "cuda" and not backend.auto_on_cpu:
-            continue
-        if backend.supports(needs) and backend.available(device_type) is None:
-            return backend
-    raise ValueError(f"no backend supports {sorted(needs)} on {device_type}")
+        missing = backend.missing(needs, device_type)
+        unavailable = None if missing else backend.available(device_type)
+        cost = backend.cost(needs, device_type)
+        if missing:
+            reason = "cannot run " + ", ".join(f"'{cap}'" for cap in sorted(missing))
+        elif unavailable:
+            reason = f"unavailable: {unavailable}"
+        elif device_type != "cuda" and not backend.auto_on_cpu:
+            reason = "never automatic on CPU" + (" (interpreter only)" if name == "triton" else
+                                                  f" (compiles per shape; measured ~{cost}× SDPA)" if cost else "")
+        else:
+            reason = None
+        verdicts.append(dict(backend=name, eligible=reason is None, cost=cost, reason=reason, chosen=False))
+    eligible = [v for v in verdicts if v["eligible"]]
+    if eligible:
+        measured = all(v["cost"] is not None for v in eligible)
+        best = min(eligible, key=lambda v: v["cost"]) if measured else eligible[0]
+        best["chosen"] = True
+        for v in eligible:
+            if v is best and len(eligible) == 1:
+                v["reason"] = "the only one that can run it here" + (f" (measured ~{v['cost']}× SDPA)" if v["cost"]
+                                                                      else "")
+            elif v is best:
+                v["reason"] = (f"cheapest measured (~{v['cost']}× SDPA)" if measured else
+                               f"first capable in the static order {', '.join(BACKEND_NAMES)} (no cost table for "
+                               f"{device_type})")
+            else:
+                v["reason"] = f"measured ~{v['cost']}× SDPA" if measured else "later in the static order"
+    return verdicts

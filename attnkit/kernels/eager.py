@@ -97,10 +97,17 @@ def prob_stage(probs: torch.Tensor, entries, make_ctx) -> torch.Tensor:
 def output_stage(out: torch.Tensor, entries, make_ctx) -> torch.Tensor:
     """Apply edit_output of every entry, in order. out: [B,H,Q,D]."""
     for entry in entries:
-        if "edit_output" in entry.intervention.capabilities():
+        if "edit_output" in _caps(entry):
             edited = entry.intervention.edit_output(out, make_ctx(entry)).to(out.dtype)
-            out = select_heads(edited, out, entry.heads_on(out.device))
+            out = edited if getattr(entry, "all_heads", False) else select_heads(edited, out,
+                                                                                 entry.heads_on(out.device))
     return out
+
+
+def _caps(entry):
+    """An entry's hooks (cached on a PlanEntry; stand-in entries in tests are asked each time)."""
+    caps = getattr(entry, "caps", None)
+    return caps if caps is not None else entry.intervention.capabilities()
 
 
 def eager_probs(q, k, mask, *, scaling, entries, make_ctx, causal, softcap=None) -> torch.Tensor:

@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import torch
 
+from attnkit.kernels import segments
 from attnkit.kernels.backends import kernel_name
-from attnkit.kernels.masks import KeyMask, check_shapes, query_chunk
+from attnkit.kernels.masks import KeyMask, causal_allowed, check_shapes, query_chunk
+from attnkit.kernels.segments import _math_attention_lse, attention_lse, merge_partial  # noqa: F401 (re-exported)
 
-__all__ = ["group_partials", "combine_groups", "group_mass", "biased_attention", "masked_attention"]
+__all__ = ["group_partials", "combine_groups", "group_mass", "biased_attention", "masked_attention",
+           "fused_key_bias"]
 
 # Largest number of contiguous (group, padding) runs per sample for which the span path is used.
 MAX_SPAN_RUNS = 48
@@ -103,73 +106,74 @@ def _chunked_group_partials(q, k, v, key_group, G, keys: KeyMask, *, scale, chun
     return out_g, lse_g
 
 
-def _row_group_partials(q, k, v, key_group, G, keys: KeyMask, *, scale):
-    """Few query rows (decode): one score pass, one row max, per-group sums by one-hot products. O(Q·K) memory."""
+def _row_mask(keys: KeyMask, Q: int, K: int, device) -> torch.Tensor | None:
+    """Allowed pairs ``[B|1,1,1,Q,K]`` of a structured mask without window (None when every key is allowed)."""
+    ok = None
+    if keys.causal and Q > 1:
+        ok = causal_allowed(Q, K, device)[None, None, None]  # [1,1,1,Q,K]
+    if keys.key_padding is not None:
+        pad = keys.key_padding.to(device=device, dtype=torch.bool)[:, None, None, None, :]  # [B,1,1,1,K]
+        ok = pad if ok is None else ok & pad
+    return ok
+
+
+def _row_group_sums(q, k, v, key_group, G, keys: KeyMask, *, scale):
+    """Few query rows (decode): unnormalised per-group sums with one shared row maximum ``top``:
+    ``num [B,H,Q,G,D] = Σ_{j∈g} e^{s_j - top} v_j``, ``z [B,H,Q,G] = Σ_{j∈g} e^{s_j - top}`` (fp32), and
+    ``top [B,H,Q,1]``. One score pass, O(Q·K) memory; under a causal + padding mask (the decode case) every key is
+    scored in place, with no copy of K or V."""
     B, H, Hkv, Q, K, D = check_shapes(q, k, v)
     R = H // Hkv
-    kidx, ok, bias = keys.block(slice(0, Q), q.device)  # [Kr], [B|1,H|1,Q,Kr], fp32 | None
-    v_r = v.index_select(2, kidx)  # [B,Hkv,Kr,D]
-    s = gqa_scores(q, k.index_select(2, kidx), scale)  # [B,Hkv,R,Q,Kr]
-    if bias is not None:
-        s = s + gqa_view(bias, Hkv)
-    s = s.masked_fill(~gqa_view(ok, Hkv), float("-inf"))
+    if keys.structured and keys.window is None and not (keys.causal and Q > K):
+        s = gqa_scores(q, k, scale)  # [B,Hkv,R,Q,K]
+        v_r, grp = v, key_group
+        ok = _row_mask(keys, Q, K, q.device)  # [B|1,1,1,Q,K] | None (None: every row sees every key)
+        if ok is not None:
+            s = s.masked_fill_(~ok, float("-inf"))
+    else:
+        kidx, ok, bias = keys.block(slice(0, Q), q.device)  # [Kr], [B|1,H|1,Q,Kr], fp32 | None
+        v_r, grp = v.index_select(2, kidx), key_group.index_select(1, kidx)  # [B,Hkv,Kr,D], [B,Kr]
+        s = gqa_scores(q, k.index_select(2, kidx), scale)  # [B,Hkv,R,Q,Kr]
+        if bias is not None:
+            s = s + gqa_view(bias, Hkv)
+        s = s.masked_fill_(~gqa_view(ok, Hkv), float("-inf"))
     top = s.amax(dim=-1, keepdim=True)  # [B,Hkv,R,Q,1]
-    top = torch.where(torch.isinf(top), 0.0, top)
-    e = torch.exp(s - top)  # [B,Hkv,R,Q,Kr], 0 on masked keys
-    onehot = torch.nn.functional.one_hot(key_group.index_select(1, kidx), G).float()  # [B,Kr,G]
-    eg = e.unsqueeze(-2) * onehot.transpose(1, 2)[:, None, None, None]  # [B,Hkv,R,Q,G,Kr]: e split by group
+    if ok is not None:  # a row may see no key at all: its max is -inf
+        top = top.masked_fill_(torch.isneginf(top), 0.0)
+    e = s.sub_(top).exp_()  # [B,Hkv,R,Q,Kr], 0 on masked keys
+    member = grp[:, None, :] == torch.arange(G, device=grp.device)[:, None]  # [B,G,Kr] bool
+    eg = e.unsqueeze(-2) * member[:, None, None, None]  # [B,Hkv,R,Q,G,Kr]: e split by group
     z = eg.sum(-1)  # [B,Hkv,R,Q,G]
-    num = torch.matmul(eg.reshape(B, Hkv, R * Q * G, -1), v_r.float()).view(B, Hkv, R, Q, G, D)  # [B,Hkv,R,Q,G,D]
-    out_g = torch.where(z.unsqueeze(-1) > 0, num / z.clamp_min(1e-30).unsqueeze(-1), 0.0)
-    lse_g = torch.where(z > 0, torch.log(z.clamp_min(1e-30)) + top, float("-inf"))  # [B,Hkv,R,Q,G]
-    return out_g.reshape(B, H, Q, G, D), lse_g.reshape(B, H, Q, G)
+    num = torch.matmul(eg.reshape(B, Hkv, R * Q * G, -1), v_r.float())  # [B,Hkv,R*Q*G,D]
+    return num.view(B, H, Q, G, D), z.reshape(B, H, Q, G), top.reshape(B, H, Q, 1)
 
 
-# --------------------------------------------------------------------------------------------------------
-# span path: fused SDPA calls per contiguous run of one group, merged by log-sum-exp
-# --------------------------------------------------------------------------------------------------------
-def _math_attention_lse(q, k, v, causal: bool, scale: float):
-    """(out, lse) of attention of ``q [B,H,Q,D]`` on ``k,v [B,H,K,D]`` with top-left causal alignment.
+def _row_group_partials(q, k, v, key_group, G, keys: KeyMask, *, scale):
+    """:func:`_row_group_sums` normalised to ``(out_g [B,H,Q,G,D], lse_g [B,H,Q,G])``."""
+    num, z, top = _row_group_sums(q, k, v, key_group, G, keys, scale=scale)
+    out_g = num / torch.where(z > 0, z, 1.0).unsqueeze(-1)  # empty groups: num = 0
+    return out_g, torch.log(z) + top  # log 0 = -inf
 
-    Query-chunked math (memory O(chunk·K)); the device-independent stand-in for the CPU fused kernel.
+
+def row_reweight(num: torch.Tensor, z: torch.Tensor, factors: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Reweighted attention from :func:`_row_group_sums`: ``Σ_g c_g num_g / Σ_g c_g z_g`` → ``[B,H,Q,D]`` — the same
+    value as :func:`combine_groups` on the normalised partials (``M_g = z_g / Σ z``), in a handful of operations.
+
+    Example:
+        >>> num = torch.eye(2).view(1, 1, 1, 2, 2) * torch.tensor([0.7, 0.3]).view(1, 1, 1, 2, 1)
+        >>> row_reweight(num, torch.tensor([0.7, 0.3]).view(1, 1, 1, 2), torch.tensor([1.0, 0.4]))
+        tensor([[[[0.8537, 0.1463]]]])
     """
-    B, H, Q, D = q.shape
-    K = k.shape[2]
-    out = torch.empty(B, H, Q, D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, H, Q, dtype=torch.float32, device=q.device)
-    C = query_chunk(B, H, Q, K)
-    kf, vf = k.float(), v.float()
-    for c0 in range(0, Q, C):
-        c1 = min(Q, c0 + C)
-        s = torch.matmul(q[:, :, c0:c1].float(), kf.transpose(-1, -2)) * scale  # [B,H,C,K]
-        if causal:
-            s = s.masked_fill(torch.arange(K, device=q.device)[None] > torch.arange(c0, c1, device=q.device)[:, None],
-                              float("-inf"))
-        l = torch.logsumexp(s, dim=-1)  # [B,H,C]
-        out[:, :, c0:c1] = torch.matmul(torch.exp(s - l.unsqueeze(-1)), vf)
-        lse[:, :, c0:c1] = l
-    return out, lse
+    c = factors.float().expand(z.shape)  # [B,H,Q,G]
+    den = (c * z).sum(-1, keepdim=True)  # [B,H,Q,1]
+    out = torch.matmul(c.unsqueeze(-2), num).squeeze(-2)  # [B,H,Q,D]
+    out = out.div_(torch.where(den > 0, den, 1.0))
+    return out if dtype is None else out.to(dtype)
 
 
-def attention_lse(q, k, v, causal: bool, scale: float):
-    """(out fp32 [B,H,Q,D], lse fp32 [B,H,Q]) of plain attention, top-left causal; fused kernel on CPU."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, attn_mask=None, scale=scale)
-        return out.float(), lse.float()
-    return _math_attention_lse(q, k, v, causal, scale)
-
-
-def merge_partial(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """In place: fold a partial ``(out [...,D], lse [...])`` into the accumulator (exact log-sum-exp merge)."""
-    new = torch.logaddexp(lse_acc, lse)  # [...]
-    safe = torch.where(torch.isinf(new), 0.0, new)
-    w_old = torch.exp(lse_acc - safe).unsqueeze(-1)  # exp(-inf) = 0
-    w_new = torch.exp(lse - safe).unsqueeze(-1)
-    out_acc.copy_(out_acc * w_old + out * w_new)
-    lse_acc.copy_(new)
-
-
+# --------------------------------------------------------------------------------------------------------
+# span path: a few fused SDPA calls per group (see attnkit.kernels.segments), merged by log-sum-exp
+# --------------------------------------------------------------------------------------------------------
 def group_runs(key_group: torch.Tensor, key_padding: torch.Tensor | None) -> list[list[tuple[int, int, int]]]:
     """Per sample, the maximal runs ``(start, end, group)`` of equal group among real keys (padding dropped)."""
     labels = key_group.to(torch.int64)  # [B,K]
@@ -184,45 +188,16 @@ def group_runs(key_group: torch.Tensor, key_padding: torch.Tensor | None) -> lis
     return runs
 
 
-def _run_partial(qb, kb, vb, s: int, e: int, causal: bool, scale: float, out_acc, lse_acc) -> None:
-    """Merge the partial of keys ``[s, e)`` into ``out_acc [H,Q,D]`` / ``lse_acc [H,Q]`` of one sample.
-
-    ``qb [1,H,Q,D]``, ``kb/vb [1,H,K,D]``; queries sit at positions ``K-Q .. K-1``.
-    """
-    Q, K = qb.shape[2], kb.shape[2]
-    P0 = K - Q
-    if not causal:
-        o, l = attention_lse(qb, kb[:, :, s:e], vb[:, :, s:e], False, scale)
-        merge_partial(out_acc, lse_acc, o[0], l[0])
-        return
-    d0 = max(s, P0)
-    if d0 < e:  # queries whose position lies inside the run: causal square part (+ run keys before the queries)
-        qi = slice(d0 - P0, e - P0)
-        o, l = attention_lse(qb[:, :, qi], kb[:, :, d0:e], vb[:, :, d0:e], True, scale)
-        merge_partial(out_acc[:, qi], lse_acc[:, qi], o[0], l[0])
-        if s < d0:
-            o, l = attention_lse(qb[:, :, qi], kb[:, :, s:d0], vb[:, :, s:d0], False, scale)
-            merge_partial(out_acc[:, qi], lse_acc[:, qi], o[0], l[0])
-    a0 = max(e, P0)
-    if a0 < K:  # queries after the run see all of it
-        qi = slice(a0 - P0, Q)
-        o, l = attention_lse(qb[:, :, qi], kb[:, :, s:e], vb[:, :, s:e], False, scale)
-        merge_partial(out_acc[:, qi], lse_acc[:, qi], o[0], l[0])
-
-
-def _span_group_partials(q, k, v, runs, G, *, scale, causal):
+def _span_group_partials(q, k, v, runs, G, *, scale, causal, materialise: bool = True):
+    """Span decomposition (:mod:`attnkit.kernels.segments`) → ``(out_g [B,H,Q,G,D], lse_g [B,H,Q,G])`` fp32
+    (views of ``[B,G,H,Q,·]`` buffers); with ``materialise=False`` ``out_g`` is the
+    :class:`~attnkit.kernels.segments.GroupPieces` itself, which only :func:`combine_groups` reads."""
     B, H, Hkv, Q, K, D = check_shapes(q, k, v)
-    out_g = torch.zeros(B, H, Q, G, D, dtype=torch.float32, device=q.device)  # [B,H,Q,G,D]
-    lse_g = torch.full((B, H, Q, G), float("-inf"), dtype=torch.float32, device=q.device)  # [B,H,Q,G]
-    ke = k.unsqueeze(2).expand(B, Hkv, H // Hkv, K, D).reshape(B, H, K, D) if Hkv != H else k  # copy only for GQA
-    ve = v.unsqueeze(2).expand(B, Hkv, H // Hkv, K, D).reshape(B, H, K, D) if Hkv != H else v
-    for b in range(B):
-        for s, e, g in runs[b]:
-            # out_g[b, :, :, g] is a strided view; merge into contiguous buffers and write back once per run.
-            o_acc, l_acc = out_g[b, :, :, g].clone(), lse_g[b, :, :, g].clone()  # [H,Q,D], [H,Q]
-            _run_partial(q[b:b + 1], ke[b:b + 1], ve[b:b + 1], s, e, causal, scale, o_acc, l_acc)
-            out_g[b, :, :, g], lse_g[b, :, :, g] = o_acc, l_acc
-    return out_g, lse_g
+    pieces = segments.GroupPieces(B, G, H, Q, D, q.device)
+    for b in range(B):  # K/V stay [B,Hkv,K,D]: the fused kernel reads GQA heads in place
+        segments.sample_partials(q[b:b + 1], k[b:b + 1], v[b:b + 1], runs[b], pieces, b, scale=scale,
+                                 causal=causal, lse_fn=attention_lse)
+    return (pieces.out_g() if materialise else pieces), pieces.lse_g()
 
 
 def _span_eligible(runs) -> bool:
@@ -233,8 +208,13 @@ def _span_eligible(runs) -> bool:
 # public API
 # --------------------------------------------------------------------------------------------------------
 def group_partials(q, k, v, key_group, num_groups: int, *, scale: float | None = None, mask=None, causal: bool = True,
-                   key_padding=None, window: int | None = None, num_sinks: int = 0, backend: str = "torch"):
+                   key_padding=None, window: int | None = None, num_sinks: int = 0, backend: str = "torch",
+                   materialise: bool = True):
     """Per-row, per-group attention partials ``(out_g [B,H,Q,G,D], lse_g [B,H,Q,G])``, both fp32.
+
+    ``materialise=False`` (for a caller that only combines the groups): the CPU span path may return, in place of
+    ``out_g``, the fused calls' pieces (:class:`~attnkit.kernels.segments.GroupPieces`), which
+    :func:`combine_groups` reads without a ``[B,H,Q,G,D]`` buffer.
 
     ``lse_g = log Σ_{j∈g, allowed} exp(s_ij)`` and ``out_g`` is the softmax-within-group average of ``v`` over
     group ``g``; an empty group gives ``lse = -inf`` and ``out = 0``. ``key_group [B,K]`` int64 in ``[0, G)``.
@@ -272,12 +252,15 @@ def group_partials(q, k, v, key_group, num_groups: int, *, scale: float | None =
         from attnkit.kernels import triton as tk
 
         return tk.group_partials(q, k, v, key_group, num_groups, scale=scale, mask=keys)
+    if backend == "flex":
+        raise ValueError("group_partials: the flex backend's partials are attnkit.kernels.flex.flex_group_partials")
     if Q <= DECODE_ROWS:  # decode / tiny chunks: one pass over the keys beats a call per span
         return _row_group_partials(q, k, v, key_group, num_groups, keys, scale=scale)
     if keys.structured and keys.window is None:
         runs = group_runs(key_group, keys.key_padding)
         if _span_eligible(runs):
-            return _span_group_partials(q, k, v, runs, num_groups, scale=scale, causal=keys.causal)
+            return _span_group_partials(q, k, v, runs, num_groups, scale=scale, causal=keys.causal,
+                                        materialise=materialise)
     return _chunked_group_partials(q, k, v, key_group, num_groups, keys, scale=scale, chunk=None, restrict_keys=True)
 
 
@@ -319,12 +302,26 @@ def combine_groups(out_g: torch.Tensor, lse_g: torch.Tensor, factors: torch.Tens
     if factors is not None:
         logw = logw + torch.log(factors.float())  # log 0 = -inf drops the group
     top = logw.amax(dim=-1, keepdim=True)  # [B,H,Q,1]
-    top = torch.where(torch.isinf(top), 0.0, top)
+    top = top.masked_fill_(torch.isinf(top), 0.0)
     w = torch.exp(logw - top)  # [B,H,Q,G]
-    den = w.sum(-1)  # [B,H,Q]
-    num = torch.einsum("bhqg,bhqgd->bhqd", w, out_g.float())  # [B,H,Q,D]
-    out = torch.where((den > 0).unsqueeze(-1), num / torch.where(den > 0, den, 1.0).unsqueeze(-1), 0.0)
+    den = w.sum(-1, keepdim=True)  # [B,H,Q,1]
+    num = _weighted_sum(w, out_g)  # [B,H,Q,D]; 0 where every weight is 0
+    out = num.div_(torch.where(den > 0, den, 1.0))
     return out if dtype is None else out.to(dtype)
+
+
+def _weighted_sum(w: torch.Tensor, out_g: torch.Tensor) -> torch.Tensor:
+    """``Σ_g w[..., g] out_g[..., g, :]`` → ``[B,H,Q,D]`` fp32 for ``w [B,H,Q,G]``, ``out_g [B,H,Q,G,D]``: one
+    multiply-add pass per group (no ``[B,H,Q,G,D]`` temporary; works on the span path's group-major layout)."""
+    if isinstance(out_g, segments.GroupPieces):
+        return out_g.weighted_sum(w)
+    G = w.shape[-1]
+    if G > 8:
+        return torch.matmul(w.unsqueeze(-2), out_g.float()).squeeze(-2)
+    num = out_g[..., 0, :].float() * w[..., 0:1]
+    for g in range(1, G):
+        num = num.addcmul_(out_g[..., g, :].float(), w[..., g:g + 1])
+    return num
 
 
 def _bias_per_key(group_bias: torch.Tensor, key_group: torch.Tensor, H: int) -> torch.Tensor:
@@ -380,9 +377,8 @@ def _fused_masked_chunk(q_c, k_r, v_r, ok, bias, scale):
     add = torch.zeros(ok.shape, dtype=torch.float32, device=q_c.device).masked_fill_(~ok, float("-inf"))
     if bias is not None:
         add = add + bias  # [B|1,H|1,C,Kr]
-    if Hkv != H:
-        k_r = k_r.unsqueeze(2).expand(B, Hkv, H // Hkv, Kr, D).reshape(B, H, Kr, D)
-        v_r = v_r.unsqueeze(2).expand(B, Hkv, H // Hkv, Kr, D).reshape(B, H, Kr, D)
+    if Hkv != H and not segments.native_gqa():
+        k_r, v_r = segments.expand_kv(k_r, H), segments.expand_kv(v_r, H)
     o, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q_c, k_r, v_r, 0.0, False, attn_mask=add.to(q_c.dtype), scale=scale)
     empty = torch.isneginf(add).all(-1, keepdim=True)  # [B|1,H|1,C,1]: the kernel's lse is not reliable there
@@ -417,17 +413,22 @@ def biased_attention(q, k, v, key_group=None, group_bias=None, *, scale: float |
         from attnkit.kernels import triton as tk
 
         return tk.biased_attention(q, k, v, key_group, group_bias, scale=scale, mask=keys)
+    if backend == "flex":
+        raise ValueError("biased_attention: for the flex backend call attnkit.kernels.flex.flex_biased_attention")
     G = 1 if group_bias is None else group_bias.shape[-1]
     logf = None if group_bias is None else group_bias.float().unsqueeze(2)  # [B|1,H,1,G]
     if backend == "eager":
         out_g, lse_g = group_partials(q, k, v, key_group, G, scale=scale, mask=keys, backend="eager")
         return combine_groups(out_g, lse_g, log_factors=logf, dtype=q.dtype)
-    if keys.structured and keys.window is None:
+    per_key = None if group_bias is None else _bias_per_key(group_bias, key_group, H)[:, :, None, :]  # [B,H,1,K]
+    out = fused_key_bias(q, k, v, keys, per_key, scale=scale)  # one fused call (CPU, causal + padding)
+    if out is not None:
+        return out
+    if keys.structured and keys.window is None and q.device.type == "cpu":
         runs = group_runs(key_group, keys.key_padding)
         if _span_eligible(runs):
             out_g, lse_g = _span_group_partials(q, k, v, runs, G, scale=scale, causal=keys.causal)
             return combine_groups(out_g, lse_g, log_factors=logf, dtype=q.dtype)
-    per_key = None if group_bias is None else _bias_per_key(group_bias, key_group, H)[:, :, None, :]  # [B,H,1,K]
     return _chunked_masked(q, k, v, keys, per_key, scale=scale)
 
 
@@ -449,4 +450,85 @@ def masked_attention(q, k, v, mask=None, bias: torch.Tensor | None = None, *, sc
     B, H, Hkv, Q, K, D = check_shapes(q, k, v)
     scale = D ** -0.5 if scale is None else float(scale)
     keys = KeyMask.build(Q, K, mask=mask, causal=causal, window=window)
-    return _chunked_masked(q, k, v, keys, bias, scale=scale)
+    out = fused_key_bias(q, k, v, keys, bias, scale=scale)
+    return _chunked_masked(q, k, v, keys, bias, scale=scale) if out is None else out
+
+
+# --------------------------------------------------------------------------------------------------------
+# per-key biases under a causal + padding mask: one fused call
+# --------------------------------------------------------------------------------------------------------
+def _per_key(bias: torch.Tensor | None, B: int, H: int, Q: int, K: int):
+    """A bias broadcastable to ``[B,H,Q,K]`` as ``[B|1, H|1, 1, K]`` fp32 when it does not vary per query
+    (None in, None out); ``False`` when it does (no fused call can take it without a ``[Q, K]`` mask)."""
+    if bias is None:
+        return None
+    if bias.dim() > 4:
+        return False
+    bias = bias.view(*([1] * (4 - bias.dim())), *bias.shape)
+    if bias.shape[2] != 1 or bias.shape[0] not in (1, B) or bias.shape[1] not in (1, H) or bias.shape[3] not in (1, K):
+        return False
+    return bias.float()
+
+
+def _empty_rows(add: torch.Tensor, Q: int, causal: bool, offset: int) -> torch.Tensor | None:
+    """Rows with no allowed key ``[B|1,H|1,Q,1]`` bool for an additive column mask ``add [B|1,H|1,1,Kb]`` (None when
+    every row has one). Query ``i`` sees columns ``≤ offset + i`` when ``causal``, all of them otherwise."""
+    finite = torch.isfinite(add)  # [B|1,H|1,1,Kb]
+    if bool(finite.all()):
+        return None
+    any_ok = finite.any(-1, keepdim=True)  # [B|1,H|1,1,1]
+    first = torch.where(any_ok, finite.to(torch.uint8).argmax(-1, keepdim=True), add.shape[-1])  # [..,1,1]
+    if not causal:
+        return (first >= add.shape[-1]).expand(*first.shape[:2], Q, 1)
+    rows = torch.arange(offset, offset + Q, device=add.device).view(1, 1, Q, 1)
+    return rows < first  # [B|1,H|1,Q,1]
+
+
+def _lse_call(q, k, v, causal: bool, scale: float, add: torch.Tensor | None, offset: int = 0):
+    """:func:`attention_lse` with fully masked rows fixed to out 0, lse -inf (the fused kernel returns lse 0)."""
+    out, lse = attention_lse(q, k, v, causal, scale, add)  # [B,H,Q,D], [B,H,Q]
+    if add is not None:
+        empty = _empty_rows(add, q.shape[2], causal, offset)
+        if empty is not None:
+            out = out.masked_fill_(empty, 0.0)
+            lse = lse.masked_fill_(empty[..., 0], float("-inf"))
+    return out, lse
+
+
+def fused_key_bias(q, k, v, keys: KeyMask, bias: torch.Tensor | None, *, scale: float) -> torch.Tensor | None:
+    """Attention under a causal (or no) + key-padding mask plus an additive per-key ``bias`` (broadcastable to
+    ``[B,H,Q,K]`` with one query row, e.g. ``[B,1,1,K]``) with the fused CPU kernel: one call (two when the
+    queries are a suffix of the keys, 1 < Q < K), the bias and the padding as one ``[B|1,H|1,1,K]`` column mask.
+    → ``[B,H,Q,D]`` in q's dtype, rows with no allowed key 0; None when it does not apply (not CPU, a window or an
+    explicit model mask, a bias that varies per query).
+
+    Example:
+        >>> import torch
+        >>> from attnkit.kernels.masks import KeyMask
+        >>> q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+        >>> bias = torch.tensor([0.0, -1.0, 2.0, 0.5, 0.0]).view(1, 1, 1, 5)
+        >>> out = fused_key_bias(q, k, v, KeyMask.build(5, 5), bias, scale=8 ** -0.5)
+        >>> torch.allclose(out, masked_attention(q, k, v, torch.ones(5, 5).tril().bool(), bias), atol=1e-5)
+        True
+    """
+    B, H, Hkv, Q, K, D = check_shapes(q, k, v)
+    per_key = _per_key(bias, B, H, Q, K)
+    if q.device.type != "cpu" or not keys.structured or keys.window is not None or per_key is False:
+        return None
+    if keys.causal and Q > K:
+        return None  # the structured mask refuses this; let the general path say so
+    add = per_key if per_key is None or per_key.shape[-1] == K else per_key.expand(*per_key.shape[:3], K)
+    if keys.key_padding is not None:
+        pad = torch.zeros(keys.key_padding.shape, dtype=torch.float32, device=q.device)  # [B,K]
+        pad = pad.masked_fill_(~keys.key_padding.to(device=q.device, dtype=torch.bool), float("-inf"))[:, None, None]
+        add = pad if add is None else add + pad  # [B|1,H|1,1,K]
+    causal = keys.causal and Q > 1
+    if not causal or Q == K:
+        out, _ = _lse_call(q, k, v, causal, scale, add)  # GQA K/V read in place
+        return out.to(q.dtype)
+    P0 = K - Q  # 1 < Q < K: bottom-right causal = the keys before the queries (all visible) + a causal square
+    part = (lambda a, b: None) if add is None else (lambda a, b: add[..., a:b])
+    out, lse = _lse_call(q, k[:, :, :P0], v[:, :, :P0], False, scale, part(0, P0))
+    o2, l2 = _lse_call(q, k[:, :, P0:], v[:, :, P0:], True, scale, part(P0, K))
+    merge_partial(out, lse, o2, l2)
+    return out.to(q.dtype)

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -23,8 +24,18 @@ class PlanEntry:
     state: dict = field(default_factory=dict)
     calls: int = 0
 
+    @cached_property
+    def caps(self) -> frozenset:
+        """The intervention's hooks, read once (backends ask on every attention call)."""
+        return frozenset(self.intervention.capabilities())
+
+    @cached_property
+    def all_heads(self) -> bool:
+        """Whether every head is targeted (then head selection is skipped)."""
+        return bool(self.head_mask.all())
+
     def has(self, hook: str) -> bool:
-        return hook in self.intervention.capabilities()
+        return hook in self.caps
 
     def heads_on(self, device) -> torch.Tensor:
         return self.head_mask.to(device)

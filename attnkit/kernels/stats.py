@@ -37,8 +37,8 @@ def key_mass(q, k, *, scale: float | None = None, mask=None, causal: bool = True
     """Attention mass each key receives, summed over the selected queries → ``[B,H,K]`` fp32.
 
     ``query_select [B,Q]`` bool (None = every query). Only rows selected in some sample are computed, so the
-    FastV case (last query only) costs one row. ``backend``: ``"torch"`` (chunked), ``"eager"`` (one chunk)
-    or ``"triton"`` (fused two-pass kernel). ``mask``: the model's attention mask, see the module docstring.
+    FastV case (last query only) costs one row. ``backend``: ``"torch"`` (chunked; ``"flex"`` runs it too),
+    ``"eager"`` (one chunk) or ``"triton"`` (fused two-pass kernel). ``mask``: the model's attention mask, see the module docstring.
 
     Example:
         >>> import torch
@@ -59,6 +59,12 @@ def key_mass(q, k, *, scale: float | None = None, mask=None, causal: bool = True
         from attnkit.kernels import triton as tk
 
         return tk.key_mass(q, k, scale=scale, mask=keys, query_select=query_select)
+    if backend == "flex":
+        backend = "torch"  # flex has no column statistics of its own: the torch chunked pass
+    if query_select is not None and bool(query_select.all()):
+        query_select = None  # every query real: no weights, contiguous chunks
+    if backend == "torch" and keys.structured and keys.window is None and not (keys.causal and Q > K):
+        return _structured_mass(q, k, keys, query_select, scale=scale)
     if query_select is None:
         rows = torch.arange(Q, device=q.device)
         weight = None
@@ -75,6 +81,52 @@ def key_mass(q, k, *, scale: float | None = None, mask=None, causal: bool = True
         col = p.sum(3).reshape(B, H, -1)  # [B,H,Kr]
         mass.index_add_(2, kidx, col)
     return mass
+
+
+def _mass_chunk(B: int, H: int, K: int) -> int:
+    """Query rows per chunk of the structured key-mass pass: a ``[B,H,C,K]`` fp32 block of ≤ 2**20 elements (4 MiB,
+    cache-sized: its five in-place passes then run from cache), 16 ≤ C ≤ 128."""
+    return int(max(16, min(128, (1 << 20) // max(1, B * H * K))))
+
+
+def _structured_mass(q, k, keys: KeyMask, query_select, *, scale: float) -> torch.Tensor:
+    """Key mass under a causal (or no) + key-padding mask → ``[B,H,K]``: per chunk of query rows one score matmul
+    on the keys they can see, in place ``masked_fill`` (the causal tail and padding only), ``- max``, ``exp``, and
+    the column sums as one product with the rows' ``1 / Z`` (times the query weights): no softmax copy."""
+    B, H, Hkv, Q, K, D = check_shapes(q, k)
+    R = H // Hkv
+    P0 = K - Q  # absolute position of query 0
+    if query_select is None:
+        rows, weight = None, None
+    else:
+        rows = query_select.any(0).nonzero().flatten()  # [n] rows selected in some sample
+        weight = query_select.to(torch.float32)  # [B,Q]
+    n = Q if rows is None else rows.numel()
+    pad = None if keys.key_padding is None else ~keys.key_padding.to(device=q.device, dtype=torch.bool)  # [B,K]
+    mass = torch.zeros(B, Hkv, R, 1, K, dtype=torch.float32, device=q.device)  # [B,Hkv,R,1,K]
+    C = _mass_chunk(B, H, K)
+    for c0 in range(0, n, C):
+        c1 = min(n, c0 + C)
+        r = torch.arange(c0, c1, device=q.device) if rows is None else rows[c0:c1]  # [C] query indices
+        q_c = q[:, :, c0:c1] if rows is None else q.index_select(2, r)  # [B,H,C,D]
+        first, last = int(r[0]), int(r[-1])
+        hi = P0 + last + 1 if keys.causal else K  # keys any of these rows may see
+        s = torch.matmul(q_c.float().reshape(B, Hkv, R * (c1 - c0), D), k[:, :, :hi].float().transpose(-1, -2))
+        s = s.mul_(scale).view(B, Hkv, R, c1 - c0, hi)  # [B,Hkv,R,C,hi]
+        if keys.causal and P0 + first + 1 < hi:  # only columns after the first row's position can be masked
+            lo = P0 + first + 1
+            future = torch.arange(lo, hi, device=q.device)[None, :] > (P0 + r)[:, None]  # [C, hi-lo]
+            s[..., lo:].masked_fill_(future, float("-inf"))
+        if pad is not None:
+            s = s.masked_fill_(pad[:, None, None, None, :hi], float("-inf"))
+        top = s.amax(dim=-1, keepdim=True)  # [B,Hkv,R,C,1]
+        e = s.sub_(top.masked_fill_(torch.isneginf(top), 0.0)).exp_()  # unnormalised probabilities, 0 if masked
+        z = e.sum(dim=-1, keepdim=True)  # [B,Hkv,R,C,1]
+        inv = torch.where(z > 0, z, 1.0).reciprocal_().masked_fill_(z == 0, 0.0)  # 1/Z, 0 on empty rows
+        if weight is not None:
+            inv = inv * weight.index_select(1, r)[:, None, None, :, None]  # [B,1,1,C,1]
+        mass[..., :hi] += torch.matmul(inv.transpose(-1, -2), e)  # [B,Hkv,R,1,hi]
+    return mass.view(B, H, K)
 
 
 def attention_rows(q, k, rows, *, scale: float | None = None, mask=None, causal: bool = True, key_padding=None,

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from attnkit.kernels.eager import output_stage, real_queries, repeat_kv, reweight_groups
-from attnkit.kernels.grouped import combine_groups, group_mass, group_partials, masked_attention
+from attnkit.kernels.grouped import (DECODE_ROWS, _row_group_sums, combine_groups, group_mass, group_partials,
+                                     masked_attention, row_reweight)
 from attnkit.kernels.masks import KeyMask, allowed_mask, attach_mask, causal_allowed
 from attnkit.kernels.plan import query_factors, restrict_bias, select_heads
 from attnkit.kernels.stats import key_mass
@@ -41,13 +42,33 @@ def sdpa(q, k, v, mask, *, scaling, causal) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, is_causal=is_causal, enable_gqa=gqa)
 
 
-def _window_hint(entries, make_ctx) -> int | None:
-    """The layer's sliding window as the model reported it (used only to recognise a standard mask quickly)."""
-    for entry in entries:
-        window = getattr(make_ctx(entry), "window", None)
-        if window is not None:
-            return window
-    return None
+class _contexts:
+    """``make_ctx`` memoised per plan entry for one attention call (every stage reads the same context), with
+    :meth:`attach` giving each context the call's :class:`~attnkit.kernels.masks.KeyMask` as ``ctx.mask``."""
+
+    def __init__(self, make_ctx):
+        self.make_ctx, self.made, self.keys = make_ctx, {}, None
+
+    def __call__(self, entry, *args, **kwargs):
+        if args or kwargs or self.make_ctx is None:  # a context for some rows: not shared
+            return attach_mask(self.make_ctx, self.keys)(entry, *args, **kwargs) if self.make_ctx else None
+        ctx = self.made.get(id(entry))
+        if ctx is None:
+            ctx = self.made[id(entry)] = self.make_ctx(entry)
+            self._set_mask(ctx)
+        return ctx
+
+    def attach(self, keys) -> None:
+        self.keys = keys
+        for ctx in self.made.values():
+            self._set_mask(ctx)
+
+    def _set_mask(self, ctx) -> None:
+        if ctx is not None and self.keys is not None:
+            try:
+                ctx.mask = self.keys
+            except AttributeError:  # a frozen or slotted stand-in context
+                pass
 
 
 def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, softcap=None, dropout=0.0,
@@ -60,15 +81,16 @@ def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, s
     same scaled queries, biases and group factors that produced ``out`` (no hook runs twice)."""
     if softcap is not None:
         raise ValueError("the torch backend does not support logit softcapping; use backend='eager'")
-    keys = KeyMask.build(q.shape[2], k.shape[2], mask=mask, causal=causal,
-                         window=_window_hint(entries, make_ctx) if entries else None)
-    make_ctx = attach_mask(make_ctx, keys)
+    ctx_of = _contexts(make_ctx)  # one context per entry and call, shared by the stages
+    window = getattr(ctx_of(entries[0]), "window", None) if entries else None
+    keys = KeyMask.build(q.shape[2], k.shape[2], mask=mask, causal=causal, window=window)
+    ctx_of.attach(keys)
     bias = None
     for entry in entries:
-        iv, caps = entry.intervention, entry.intervention.capabilities()
-        heads = entry.heads_on(q.device)
+        iv, caps = entry.intervention, entry.caps
         if "query_scale" in caps or "score_bias" in caps:
-            ctx = make_ctx(entry)
+            ctx = ctx_of(entry)
+            heads = entry.heads_on(q.device)
             if "query_scale" in caps:
                 q = q * query_factors(iv.query_scale(ctx), heads).to(q.dtype)  # [B|1,H,Q|1,1] per head or row
             if "score_bias" in caps:
@@ -77,20 +99,20 @@ def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, s
                     b = restrict_bias(b, heads)
                     bias = b if bias is None else bias + b
     for entry in entries:
-        if "key_stats" in entry.intervention.capabilities():
-            ctx = make_ctx(entry)
+        if "key_stats" in entry.caps:
+            ctx = ctx_of(entry)
             col = key_mass(q, k, scale=scaling, mask=keys, query_select=real_queries(ctx), backend=kernel)  # [B,H,K]
             entry.intervention.key_stats(col, ctx)
-    grouped = [e for e in entries if "group_factors" in e.intervention.capabilities()]
+    grouped = [e for e in entries if "group_factors" in e.caps]
     applied: list = []
     if grouped:
-        out = grouped_attention(q, k, v, keys, grouped, scaling=scaling, make_ctx=make_ctx, kernel=kernel,
+        out = grouped_attention(q, k, v, keys, grouped, scaling=scaling, make_ctx=ctx_of, kernel=kernel,
                                 applied=applied)
     elif bias is not None:
-        out = masked_attention(q, k, v, keys, bias, scale=scaling)  # [B, H, Q, D], query-chunked
+        out = masked_attention(q, k, v, keys, bias, scale=scaling)  # [B, H, Q, D]: one fused call or query chunks
     else:
         out = sdpa(q, k, v, mask, scaling=scaling, causal=causal)  # [B, H, Q, D]
-    out = output_stage(out, entries, make_ctx)
+    out = output_stage(out, entries, ctx_of)
     if rows is None:
         return out
     return out, row_probs(q, k, mask, rows, scaling=scaling, causal=causal, bias=bias, applied=applied)
@@ -121,7 +143,7 @@ def row_probs(q, k, mask, rows, *, scaling, causal, bias=None, applied=()) -> to
 
 
 def grouped_attention(q, k, v, keys: KeyMask, grouped_entries, *, scaling, make_ctx, kernel="torch",
-                      applied: list | None = None) -> torch.Tensor:
+                      applied: list | None = None, partials=None) -> torch.Tensor:
     """Post-softmax group reweighting without the ``[Q, K]`` matrix: per-group partials (O_g, log Z_g) under the
     mask ``keys``, the intervention's factors from the group masses, then ``Σ_g M_g c_g O_g / Σ_g M_g c_g``. Heads
     outside every entry's targets get plain attention. q [B,H,Q,D], k/v [B,Hkv,K,D] → [B,H,Q,D]."""
@@ -130,15 +152,29 @@ def grouped_attention(q, k, v, keys: KeyMask, grouped_entries, *, scaling, make_
         iv, ctx = entry.intervention, make_ctx(entry)
         groups = ctx.group_ids(iv.key_groups())  # [B, K]
         num_groups = len(iv.key_groups()) + 1
-        present = int(groups.max().item()) + 1 if groups.numel() else 1  # trailing empty groups cost nothing
-        out_g, lse_g = group_partials(q, k, v, groups, present, scale=scaling, mask=keys,
-                                      backend=kernel)  # [B,H,Q,G,D], [B,H,Q,G]
+        present = int(groups.max()) + 1 if groups.numel() else 1  # trailing empty groups cost nothing
         heads = entry.heads_on(q.device)
-        mass = torch.nn.functional.pad(group_mass(lse_g), (0, num_groups - present))  # [B,H,Q,G]
+        if kernel == "torch" and q.shape[2] <= DECODE_ROWS:  # decode: unnormalised sums, combined directly
+            num, z, _ = _row_group_sums(q, k, v, groups, present, keys, scale=scaling)  # [B,H,Q,G,D], [B,H,Q,G]
+            total = z.sum(-1, keepdim=True)  # [B,H,Q,1]; 0 only on a row that sees no key (a masked call)
+            mass = z / (total if keys.is_plain_causal else torch.where(total > 0, total, 1.0))  # [B,H,Q,G_present]
+        else:
+            if partials is not None:  # another backend's partials (flex)
+                out_g, lse_g = partials(q, k, v, groups, present, keys, scale=scaling)
+            else:
+                out_g, lse_g = group_partials(q, k, v, groups, present, scale=scaling, mask=keys, backend=kernel,
+                                              materialise=False)  # [B,H,Q,G,D] (or its pieces), [B,H,Q,G]
+            mass = group_mass(lse_g)
+        if present < num_groups:
+            mass = torch.nn.functional.pad(mass, (0, num_groups - present))  # [B,H,Q,G]
         factors = iv.group_factors(mass, ctx).float()[..., :present]  # [B,H,Q,G_present]
-        factors = select_heads(factors, torch.ones_like(factors), heads)
+        if not entry.all_heads:
+            factors = select_heads(factors, torch.ones_like(factors), heads)
         if applied is not None:  # what captures need to reproduce these rows' edited probabilities
             applied.append((heads, groups, factors))
-        edited = combine_groups(out_g, lse_g, factors, dtype=q.dtype)  # [B,H,Q,D]
+        if kernel == "torch" and q.shape[2] <= DECODE_ROWS:
+            edited = row_reweight(num, z, factors, dtype=q.dtype)  # [B,H,Q,D]
+        else:
+            edited = combine_groups(out_g, lse_g, factors, dtype=q.dtype)  # [B,H,Q,D]
         out = edited if out is None else select_heads(edited, out, heads)
     return out
