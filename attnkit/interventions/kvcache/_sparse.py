@@ -78,6 +78,33 @@ def full_attention_layers(model, layers, owner: str) -> list[int]:
     return full
 
 
+class FullLayersWithRotary:
+    """Mixin for the methods that re-rotate keys to new positions (LongHeads, TokenSelect): targets only the
+    full-attention layers (:func:`full_attention_layers`) and keeps each layer's rotation (:func:`attnkit.rope
+    .rotary_for`) for the attachment."""
+
+    def setup(self, model) -> None:
+        from attnkit.targets import Target
+
+        self.target = Target(layers=full_attention_layers(model, self.target.layers, self.name),
+                             modules=self.target.modules)
+
+    def install(self, handle) -> list:
+        from attnkit.rope import rotary_for
+
+        self._model = handle.model
+        self._rotary = {layer: rotary_for(handle.model, layer, self.name) for layer in self.target.layers}
+        return []
+
+    def _rot(self, layer: int):
+        """The rotation of ``layer`` (:class:`attnkit.rope.Rotary`), built on first use for untargeted layers."""
+        from attnkit.rope import rotary_for
+
+        if layer not in self._rotary:
+            self._rotary[layer] = rotary_for(self._model, layer, self.name)
+        return self._rotary[layer]
+
+
 def expand_kv(x: torch.Tensor, num_heads: int, gqa_map: str = "group") -> torch.Tensor:
     """``[B, Hkv, K, D]`` → ``[B, H, K, D]``: query head ``h`` reads KV head ``h // g`` (HF layout, ``"group"``) or
     ``h % Hkv`` (``"modulo"``, TokenSelect's kernel)."""

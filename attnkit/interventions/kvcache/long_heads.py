@@ -44,10 +44,9 @@ from __future__ import annotations
 import torch
 
 from attnkit.interventions.base import Intervention, register_intervention
-from attnkit.interventions.kvcache._sparse import KeyAccount, check_int, expand_kv, full_attention_layers, \
+from attnkit.interventions.kvcache._sparse import FullLayersWithRotary, KeyAccount, check_int, expand_kv, \
     key_rope_positions, real_keys, scaling_of
-from attnkit.rope import Rotary, rotary_for
-from attnkit.targets import Target
+from attnkit.rope import Rotary
 
 POSITIONS = ("compact", "original")
 
@@ -84,7 +83,7 @@ def select_chunks(scores: torch.Tensor, num_complete: int, partial: bool, k_c: i
 
 
 @register_intervention
-class LongHeads(Intervention):
+class LongHeads(FullLayersWithRotary, Intervention):
     name = "long-heads"
     description = "LongHeads: each head attends to its own top chunks (chunk summary keys) at compacted positions"
     requires = frozenset({"text_decoder", "rope"})
@@ -108,20 +107,6 @@ class LongHeads(Intervention):
                              "(chunk 0, one middle chunk, the last complete and the partial chunk)")
         self.positions = positions
         self.account = KeyAccount()
-
-    def setup(self, model) -> None:
-        self.target = Target(layers=full_attention_layers(model, self.target.layers, self.name),
-                             modules=self.target.modules)
-
-    def install(self, handle) -> list:
-        self._model = handle.model
-        self._rotary = {layer: rotary_for(handle.model, layer, self.name) for layer in self.target.layers}
-        return []
-
-    def _rot(self, layer: int) -> Rotary:
-        if layer not in self._rotary:
-            self._rotary[layer] = rotary_for(self._model, layer, self.name)
-        return self._rotary[layer]
 
     # ---- chunk summaries -------------------------------------------------------------------------------------------
     def _summarise(self, ctx, b: int, state: dict, real_slots: torch.Tensor, pos: torch.Tensor) -> None:

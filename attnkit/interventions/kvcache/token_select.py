@@ -45,10 +45,8 @@ from __future__ import annotations
 import torch
 
 from attnkit.interventions.base import Intervention, register_intervention
-from attnkit.interventions.kvcache._sparse import KeyAccount, check_int, expand_kv, full_attention_layers, \
+from attnkit.interventions.kvcache._sparse import FullLayersWithRotary, KeyAccount, check_int, expand_kv, \
     gathered_attention, key_rope_positions, real_keys, scaling_of, softcap_of, visible
-from attnkit.rope import rotary_for
-from attnkit.targets import Target
 
 POSITIONS = ("compact", "original")
 GQA_MAPS = ("group", "modulo")
@@ -83,7 +81,7 @@ def pick_tokens(votes: torch.Tensor, top_k: int, kernel_size: int = -1) -> torch
 
 
 @register_intervention
-class TokenSelect(Intervention):
+class TokenSelect(FullLayersWithRotary, Intervention):
     name = "token-select"
     description = "TokenSelect: per-layer top-k tokens by per-head soft voting, at compacted positions"
     requires = frozenset({"text_decoder", "rope"})
@@ -110,20 +108,6 @@ class TokenSelect(Intervention):
                              "local window holds the chunk being prefilled")
         self.positions, self.gqa_map, self.kernel_size = positions, gqa_map, int(kernel_size)
         self.account = KeyAccount()
-
-    def setup(self, model) -> None:
-        self.target = Target(layers=full_attention_layers(model, self.target.layers, self.name),
-                             modules=self.target.modules)
-
-    def install(self, handle) -> list:
-        self._model = handle.model
-        self._rotary = {layer: rotary_for(handle.model, layer, self.name) for layer in self.target.layers}
-        return []
-
-    def _rot(self, layer: int):
-        if layer not in self._rotary:
-            self._rotary[layer] = rotary_for(self._model, layer, self.name)
-        return self._rotary[layer]
 
     # ---- one chunk of one sample ----------------------------------------------------------------------------------
     def _chunk(self, ctx, b: int, slots: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor):
