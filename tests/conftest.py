@@ -1,10 +1,14 @@
 """Shared fixtures: the real SmolLM2 (loaded once per worker) and quiet, single-threaded torch."""
 
 import os
+import sys
 import warnings
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "conformance"))
+from matrix_table import pytest_runtest_logreport, pytest_terminal_summary  # noqa: E402,F401  (the conformance table)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
