@@ -9,8 +9,30 @@ attend to the **source sample's** keys and values::
 Variants (flags): ``mode="union"`` — targets attend to ``[K_src; K_tgt]``; ``masks=(M_s, M_t)`` — binary source and
 target foreground masks: a target query in ``M_t`` sees only the source keys in ``M_s`` (foreground pass), one
 outside only the keys outside (background pass), i.e. ``M_t·out_fg + (1 − M_t)·out_bg`` of the code's two passes.
-The mask variant builds a ``[Q, K]`` boolean per call; the plain and union modes never do (fused SDPA). The
-cross-attention ``MaskAuto`` variant is not implemented.
+The mask variant builds a ``[Q, K]`` boolean per call; the plain and union modes never do (fused SDPA). A query
+whose region holds no key at all (an empty mask on a coarse layer) sees every key instead of none.
+
+``masks="auto"`` is the code's ``MutualSelfAttentionControlMaskAuto``: the masks come from the cross-attention maps
+of chosen token positions (``source_token_ids`` for ``M_s`` from the source's map, ``target_token_ids`` for each
+target's ``M_t`` from its own map; default ``[1]``, the first token after BOS, as the code). As in the code:
+
+* the maps are those of the **current** denoiser call, from the cross-attention layers that ran **before** the
+  self-attention layer being edited (a self-attention layer with none before it runs plain mutual self-attention);
+* only the **conditional** half's maps are used (its masks then serve both CFG halves);
+* per layer the map is averaged over heads, then over layers; the chosen token columns are summed, min-max normalised
+  per image (a constant map gives an empty mask, where the code divides by zero) and binarised at
+  ``mask_threshold`` (``≥``, the code's ``thres = 0.1``) — see :func:`cross_attention_mask`;
+* the mask is resized to each self-attention layer's grid with nearest interpolation (the code's ``F.interpolate``
+  default; binarising before or after a nearest resize is the same).
+
+Which cross-attention layers: the code keeps those with exactly 16×16 queries (SD at 512 px: ``down_blocks.2`` and
+``up_blocks.1``; the 8×8 mid block is left out). Here: those whose query count is the **largest not above**
+``mask_resolution²`` (default ``mask_resolution``: the latent side / 4, i.e. 16 at 512 px, the code's choice);
+when no cross-attention layer is that coarse (tiny test models), the coarsest one. Counts are learnt from the layers
+that ran, so in the very first denoiser call a coarser layer not yet seen cannot be chosen. The source row keeps its
+own attention, as in the code. Joint-attention (SD3, Flux) and video models are refused with ``masks="auto"``.
+The paper describes the masks only as extracted from the cross-attention maps of the object token; no behaviour of
+the paper differs from the code's that would need a flag.
 
 Layers use the code's numbering: the ``i``-th self-attention in execution order is transformer block ``i``
 (SD-1.x: down 0–5, mid 6, up 7–15; blocks ``start_layer…`` = 10–15 by default = ``up_blocks.2``/``.3``; SDXL uses
@@ -28,6 +50,15 @@ Example (a tiny SD pipeline, prompts [source, target] from one latent):
     ...                num_inference_steps=3, output_type="latent").images
     >>> out.shape, masa.edited_calls > 0
     (torch.Size([2, 4, 8, 8]), True)
+
+With masks from the cross-attention of "cat" (token 2 of the source prompt, 3 of the target's):
+    >>> auto = MasaCtrl(start_step=0, start_layer=3, masks="auto", source_token_ids=[2], target_token_ids=[3],
+    ...                 mask_resolution=8)
+    >>> with attnkit.attach(pipe, auto):
+    ...     _ = pipe(["a cat", "a red cat"], latents=torch.randn(1, 4, 8, 8).expand(2, -1, -1, -1),
+    ...              num_inference_steps=2, output_type="latent")
+    >>> auto.last_masks[0].shape, auto.last_masks[1].shape   # M_s [h, w] and M_t [targets, h, w] on the maps' grid
+    (torch.Size([8, 8]), torch.Size([1, 8, 8]))
 """
 
 from __future__ import annotations
@@ -36,15 +67,17 @@ from dataclasses import dataclass
 
 import torch
 
-from attnkit.diffusion.inject import append_kv, region_bias, replace_kv
+from attnkit.diffusion.inject import append_kv, region_bias, replace_kv, resize_token_mask
 from attnkit.interventions.base import Intervention, register_intervention
 from attnkit.interventions.editing._common import (
     EditingIntervention,
     block_index_layers,
     check_steps,
     in_steps,
+    token_grid,
     token_mask,
 )
+from attnkit.targets import Target
 
 MODES = ("replace", "union")
 
@@ -61,20 +94,65 @@ class MasaCtrl(EditingIntervention, Intervention):
 
     def __init__(self, start_step: int = 4, start_layer: int = 10, end_layer: int | None = None, source: int = 0,
                  mode: str = "replace", masks=None, keys: str = "image", steps=None, num_steps: int | None = None,
-                 cfg: bool | None = None, **target):
+                 cfg: bool | None = None, source_token_ids=None, target_token_ids=None, mask_threshold: float = 0.1,
+                 mask_resolution: int | None = None, **target):
         if mode not in MODES:
             raise ValueError(f"masactrl: mode must be one of {MODES}, got {mode!r}")
         if keys not in ("image", "all"):
             raise ValueError(f"masactrl: keys must be 'image' or 'all', got {keys!r}")
-        if masks is not None and (not isinstance(masks, (tuple, list)) or len(masks) != 2):
-            raise ValueError("masactrl: masks must be a pair (source mask, target mask) of [h, w] tensors")
+        auto = isinstance(masks, str)
+        if auto and masks != "auto" or not auto and masks is not None and (
+                not isinstance(masks, (tuple, list)) or len(masks) != 2):
+            raise ValueError(f"masactrl: masks must be None, 'auto' or a pair (source mask, target mask) of [h, w] "
+                             f"tensors, got {masks!r}")
+        if not auto and (source_token_ids is not None or target_token_ids is not None or mask_resolution is not None):
+            raise ValueError("masactrl: source_token_ids, target_token_ids and mask_resolution apply only with "
+                             "masks='auto'")
+        if isinstance(mask_threshold, bool) or not isinstance(mask_threshold, (int, float)) \
+                or not 0.0 <= mask_threshold <= 1.0:
+            raise ValueError(f"masactrl: mask_threshold must be a number in [0, 1], got {mask_threshold!r}")
+        if mask_resolution is not None and (isinstance(mask_resolution, bool) or not isinstance(mask_resolution, int)
+                                            or mask_resolution < 1):
+            raise ValueError(f"masactrl: mask_resolution must be None or a positive int (tokens per side of the "
+                             f"cross-attention maps, 16 at 512 px), got {mask_resolution!r}")
         super().__init__(**target)
         self._init_editing(num_steps, cfg)
         self.start_step, self.start_layer, self.end_layer = int(start_step), int(start_layer), end_layer
         self.source, self.mode, self.keys = int(source), mode, keys
-        self.masks = None if masks is None else tuple(torch.as_tensor(m, dtype=torch.float32) for m in masks)
+        if auto:
+            self.masks = "auto"
+        else:
+            self.masks = None if masks is None else tuple(torch.as_tensor(m, dtype=torch.float32) for m in masks)
+        self.source_token_ids = _token_ids(source_token_ids, "source_token_ids")
+        self.target_token_ids = _token_ids(target_token_ids, "target_token_ids")
+        self.mask_threshold, self.mask_resolution = float(mask_threshold), mask_resolution
         self.steps = check_steps(steps, "masactrl")
         self.edited_calls = 0
+        self.last_masks: tuple | None = None  # masks="auto": (M_s [h, w], M_t [targets, h, w]) of the last edit
+        self.mask_grid: tuple | None = None  # masks="auto": the maps' grid (h, w) of the last edit
+        self._cross: set = set()
+        self._cross_counts: dict = {}  # latent (h, w) -> query counts of the cross-attention layers seen
+        self._maps: dict = {}  # query count -> [[P, Q, T] cond maps averaged over heads] of the current call
+        self._maps_call = None
+
+    def setup(self, model) -> None:
+        super().setup(model)
+        self._cross = set()
+        if self.masks != "auto":
+            return
+        if self._temporal:
+            raise ValueError("masactrl: masks='auto' supports image pipelines only; this model has temporal "
+                             "(video) attention layers")
+        self._cross = {i for i, kind in enumerate(self._kinds) if kind == "cross"}
+        if not self._cross:
+            raise ValueError("masactrl: masks='auto' reads text cross-attention maps and this model has no "
+                             "cross-attention layer (joint-attention models such as SD3/Flux are not supported)")
+        self.target = Target(layers=sorted(set(self.target.layers) | self._cross), heads=self.target.heads,
+                             modules=None)
+
+    def install(self, handle) -> list:
+        self._cross_counts, self._maps, self._maps_call, self.last_masks, self.mask_grid = {}, {}, None, None, None
+        return super().install(handle)
 
     def default_layers(self, description) -> list[int]:
         layers = block_index_layers(description, self.start_layer, self.end_layer)
@@ -95,6 +173,9 @@ class MasaCtrl(EditingIntervention, Intervention):
         info = self.call
         if info is None or not self._active(info):
             return None
+        if ctx.layer in self._cross:
+            self._record_cross(q, k, info)
+            return None
         if info.per_group < 2:
             self._calls.warn("single", "masactrl: each guidance group holds one sample; nothing to edit (the batch "
                                        "is [source, target, …] per group)")
@@ -112,34 +193,135 @@ class MasaCtrl(EditingIntervention, Intervention):
             k, v, bias = append_kv(k, v, k_src, v_src, rows=rows)
         else:
             k, v = replace_kv(k, v, k_src, v_src, rows, keys=image_k)
-        if self.masks is not None:
-            region = self._region_bias(ctx, q, k, rows, image_k)
+        masks = self._layer_masks(q, rows, image_k, info)
+        if masks is not None:
+            region = self._region_bias(ctx, q, rows, image_k, *masks)
             bias = region if bias is None else bias + region
         self.edited_calls += 1
         return q, k, v, bias
 
-    def _region_bias(self, ctx, q, k, rows, image_k):
-        """Two-region bias ``[B, 1, Q, K']`` from the (source, target) masks on this layer's token grid: image queries
-        take the target mask, source keys the source mask, the target's own keys (union mode) the target mask; text
-        tokens (joint attention) are in both regions' view: their rows and columns are never masked."""
-        q_len = q.shape[2]
+    def _layer_masks(self, q, rows, image_k, info):
+        """(M_s ``[1, n]``, M_t ``[1|B, n]``) on this layer's ``n`` image tokens, or None (no mask: plain mode, or
+        ``masks="auto"`` before any cross-attention map of this call)."""
+        if self.masks is None:
+            return None
+        n_img = int(image_k.sum()) if image_k is not None else q.shape[2]
+        if self.masks != "auto":
+            return tuple(token_mask(m, info, n_img).to(q.device)[None] for m in self.masks)
+        built = self._auto_masks(info)
+        if built is None:
+            return None
+        m_s, m_t = built  # [h, w], [P, h, w] on the maps' grid
+        h, w = token_grid(info, n_img)
+        m_s = resize_token_mask(m_s, h, w).to(q.device)  # [1, n]
+        m_t = resize_token_mask(m_t, h, w).to(q.device)  # [P, n]
+        return m_s, m_t[info.sample_of_rows(q.shape[0]) % info.per_group]  # M_t of each row's own sample
+
+    # ---- masks="auto" ----------------------------------------------------------------------------------------------
+    def _record_cross(self, q, k, info) -> None:
+        """Keep this cross-attention layer's conditional map, averaged over heads, when its query count is (so far)
+        the one the masks are read from."""
+        if info.unit(q.shape[0]) != 1:
+            raise ValueError("masactrl: masks='auto' supports image pipelines only (one attention row per sample)")
+        if self._maps_call is not info:  # a new denoiser call: the maps of the previous one are dropped
+            self._maps, self._maps_call = {}, info
+        counts = self._cross_counts.setdefault((info.height, info.width), set())
+        counts.add(q.shape[2])
+        if q.shape[2] != self._map_count(info):
+            return
+        cond = info.edited_rows(q.shape[0], groups=[min(1, info.groups - 1)]).to(q.device)  # [B]
+        qc, kc = q[cond].float(), k[cond].float()
+        kc = kc.repeat_interleave(qc.shape[1] // kc.shape[1], dim=1)  # grouped kv heads → one per query head
+        probs = torch.softmax(qc @ kc.transpose(-1, -2) * qc.shape[-1] ** -0.5, dim=-1)  # [P, H, Q, T]
+        self._maps.setdefault(q.shape[2], []).append(probs.mean(1))  # [P, Q, T]
+
+    def _map_count(self, info) -> int | None:
+        """Query count of the cross-attention layers the masks are read from: the largest not above
+        ``mask_resolution²`` (default: (latent side / 4)², SD's 16×16 at 512 px), else the smallest seen."""
+        counts = self._cross_counts.get((info.height, info.width), set())
+        if not counts:
+            return None
+        if self.mask_resolution is not None:
+            wanted = self.mask_resolution ** 2
+        else:
+            wanted = (info.height // 4) * (info.width // 4) if info.height and info.width else 0
+        below = [c for c in counts if c <= wanted]
+        return max(below) if below else min(counts)
+
+    def _auto_masks(self, info):
+        """(M_s ``[h, w]``, M_t ``[P, h, w]``) from this call's maps so far, or None when there are none yet."""
+        count = self._map_count(info)
+        maps = self._maps.get(count) if self._maps_call is info else None
+        if not maps:
+            return None
+        stacked = torch.stack(maps)  # [L, P, Q, T]
+        n_text = stacked.shape[-1]
+        for name, ids in (("source_token_ids", self.source_token_ids), ("target_token_ids", self.target_token_ids)):
+            if max(ids) >= n_text:
+                raise ValueError(f"masactrl: {name} {ids} index past the {n_text} text tokens of the prompts")
+        grid = token_grid(info, count)
+        m_s = cross_attention_mask(stacked[:, self.source:self.source + 1], self.source_token_ids, grid,
+                                   self.mask_threshold)[0]  # [h, w]
+        m_t = cross_attention_mask(stacked, self.target_token_ids, grid, self.mask_threshold)  # [P, h, w]
+        targets = [i for i in range(m_t.shape[0]) if i != self.source]
+        self.last_masks, self.mask_grid = (m_s.cpu(), m_t[targets].cpu()), grid
+        return m_s, m_t
+
+    def _region_bias(self, ctx, q, rows, image_k, m_s, m_t):
+        """Two-region bias ``[B, 1, Q, K']`` from the source mask ``m_s [1, n]`` and target masks ``m_t [1|B, n]``
+        on this layer's ``n`` image tokens: image queries take the target mask, source keys the source mask, the
+        target's own keys (union mode) the target mask; text tokens (joint attention) are in both regions' view:
+        their rows and columns are never masked."""
+        q_len, device = q.shape[2], q.device
         q_image = ctx.query_mask("image")[0] if image_k is not None else torch.ones(q_len, dtype=torch.bool)
         own_image = image_k if image_k is not None else torch.ones(q_len, dtype=torch.bool)  # [K0]
-        n_img = int(own_image.sum())
-        m_s, m_t = (token_mask(m, self.call, n_img).to(q.device) for m in self.masks)  # [n_img] each
-        q_region = torch.full((q_len,), 2.0, device=q.device)  # 2: a text query (sees every key)
-        q_region[q_image.to(q.device)] = m_t
-        own = torch.full((own_image.shape[0],), 2.0, device=q.device)  # 2: a text key (seen by every query)
-        own[own_image.to(q.device)] = m_t if self.mode == "union" else m_s  # replace: own slots hold source keys
-        k_region = torch.cat([own, m_s]) if self.mode == "union" else own  # union: source keys appended
+        q_region = torch.full((m_t.shape[0], q_len), 2.0, device=device)  # 2: a text query (sees every key)
+        q_region[:, q_image.to(device)] = m_t
+        own_mask = m_t if self.mode == "union" else m_s  # replace: own slots hold source keys
+        own = torch.full((own_mask.shape[0], own_image.shape[0]), 2.0, device=device)  # 2: a text key (always seen)
+        own[:, own_image.to(device)] = own_mask
+        k_region = torch.cat([own, m_s.expand(own.shape[0], -1)], 1) if self.mode == "union" else own
         return _region_bias_with_text(q_region, k_region, rows)
 
 
+def _token_ids(ids, name: str) -> list[int]:
+    """Validate a token-position list (an int, or a non-empty list of ints ≥ 0); None → ``[1]``, the code's default."""
+    if ids is None:
+        return [1]
+    if isinstance(ids, int) and not isinstance(ids, bool):
+        ids = [ids]
+    if not isinstance(ids, (list, tuple)) or not ids or \
+            not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"masactrl: {name} must be a token position or a non-empty list of positions (ints ≥ 0) "
+                         f"in the tokenized prompt, got {ids!r}")
+    return [int(i) for i in ids]
+
+
+def cross_attention_mask(maps: torch.Tensor, token_ids, grid: tuple[int, int], threshold: float = 0.1) -> torch.Tensor:
+    """MaskAuto's mask (``aggregate_cross_attn_map`` then ``≥ thres``): cross-attention maps ``[L, P, Q, T]`` (each
+    layer's map averaged over heads) → mean over the layers → sum of the ``token_ids`` columns → ``[P, h, w]`` on
+    ``grid`` → min-max normalised per image → ``1`` where ``≥ threshold``, else ``0``.
+
+    Example (one layer, one image on a 2×2 grid, token 1):
+        >>> maps = torch.tensor([[0.5, 0.3], [0.5, 0.6], [0.5, 0.22], [0.5, 0.2]]).view(1, 1, 4, 2)
+        >>> cross_attention_mask(maps, [1], (2, 2)).tolist()   # normalised [[0.25, 1.0], [0.05, 0.0]]
+        [[[1.0, 1.0], [0.0, 0.0]]]
+    """
+    image = maps.float().mean(0)[..., list(token_ids)].sum(-1)  # [P, Q]
+    image = image.reshape(image.shape[0], *grid)  # [P, h, w]
+    low = image.amin(dim=(1, 2), keepdim=True)
+    span = image.amax(dim=(1, 2), keepdim=True) - low
+    image = torch.where(span > 0, (image - low) / span.clamp_min(1e-30), torch.zeros_like(image))
+    return (image >= threshold).float()
+
+
 def _region_bias_with_text(q_region, k_region, rows):
-    """:func:`region_bias` where region value 2 marks text tokens that every token may see."""
-    bias = region_bias((q_region > 0.5).float()[None], (k_region > 0.5).float()[None], rows=rows)  # [B,1,Q,K]
-    free = (q_region[:, None] == 2) | (k_region[None, :] == 2)  # [Q, K]
-    return bias.masked_fill(free[None, None], 0.0)
+    """:func:`region_bias` where region value 2 marks text tokens that every token may see; q_region ``[B|1, Q]``,
+    k_region ``[B|1, K]``. A query row left without any visible key sees every key."""
+    bias = region_bias((q_region > 0.5).float(), (k_region > 0.5).float(), rows=rows)  # [B,1,Q,K]
+    free = (q_region[:, :, None] == 2) | (k_region[:, None, :] == 2)  # [B|1, Q, K]
+    bias = bias.masked_fill(free[:, None], 0.0)
+    return bias.masked_fill(torch.isinf(bias).all(-1, keepdim=True), 0.0)
 
 
 # ---- real-image editing (playground_real) ---------------------------------------------------------------------------

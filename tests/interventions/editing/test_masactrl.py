@@ -9,7 +9,7 @@ import attnkit
 from attnkit.diffusion.inject import region_bias, replace_kv
 from attnkit.diffusion.inversion import encode, relative_error
 from attnkit.diffusion.store import AttentionStore
-from attnkit.interventions.editing.masactrl import MasaCtrl, edit_real
+from attnkit.interventions.editing.masactrl import MasaCtrl, cross_attention_mask, edit_real
 from attnkit.testing import latent_blind, tiny_pipeline
 
 LAYER = "up_blocks.1.attentions.1.transformer_blocks.0.attn1"
@@ -112,3 +112,87 @@ def test_errors_are_one_sentence():
         attnkit.attach(tiny_pipeline("sd"), MasaCtrl())
     with pytest.raises(ValueError, match="mode must be one of"):
         MasaCtrl(mode="mix")
+
+
+# ---- masks="auto" (MutualSelfAttentionControlMaskAuto) ----------------------------------------------------------
+def test_cross_attention_mask_by_hand():
+    maps = torch.zeros(2, 1, 4, 3)  # [L, P, Q, T] on a 2x2 grid; token 0 (BOS) is ignored
+    maps[:, :, :, 0] = 0.3
+    maps[0, 0, :, 1] = torch.tensor([0.6, 0.4, 0.2, 0.1])
+    maps[1, 0, :, 1] = torch.tensor([0.4, 0.4, 0.2, 0.1])  # layer mean: [0.5, 0.4, 0.2, 0.1]
+    maps[:, 0, :, 2] = torch.tensor([0.0, 0.2, 0.02, 0.1])  # token sum: [0.5, 0.6, 0.22, 0.2]
+    # min-max: (x - 0.2) / 0.4 = [0.75, 1.0, 0.05, 0.0]; >= 0.1 -> [1, 1, 0, 0]
+    assert cross_attention_mask(maps, [1, 2], (2, 2)).tolist() == [[[1.0, 1.0], [0.0, 0.0]]]
+    assert cross_attention_mask(maps, [1, 2], (2, 2), threshold=0.01).tolist() == [[[1.0, 1.0], [1.0, 0.0]]]
+    assert cross_attention_mask(maps, [0], (2, 2)).tolist() == [[[0.0, 0.0], [0.0, 0.0]]]  # constant map: empty
+
+
+def _run(pipe, method, steps=1, prompts=("a cat", "a red cat")):
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).expand(len(prompts), -1, -1, -1)
+    with torch.no_grad(), attnkit.attach(pipe, method):
+        return pipe(list(prompts), latents=latents, num_inference_steps=steps, output_type="latent").images
+
+
+AUTO = dict(start_step=0, start_layer=3, masks="auto", source_token_ids=[2], target_token_ids=[3])
+
+
+def test_auto_masks_follow_the_cross_attention_maps_by_hand():
+    """The masks at block 3 (up_blocks.1.attentions.1) from the conditional cross-attention of the 8x8 layers that
+    ran before it in the same call (down_blocks.0, up_blocks.1.attentions.0), recomputed from captured maps."""
+    pipe = tiny_pipeline("sd")
+    method = MasaCtrl(**AUTO, mask_resolution=8)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)
+    with torch.no_grad(), attnkit.attach(pipe, method) as handle, handle.capture(queries="all") as cap:
+        pipe(["a cat", "a red cat"], latents=latents, num_inference_steps=1, output_type="latent")
+    names = {s.layer: s.qualname for s in handle.sites()}
+    before = ("down_blocks.0.attentions.0.transformer_blocks.0.attn2",
+              "up_blocks.1.attentions.0.transformer_blocks.0.attn2")
+    maps = torch.stack([r.probs[2:].mean(1) for r in cap.records if names[r.layer] in before])  # [2, P, 64, T]
+    assert maps.shape[0] == 2 and method.mask_grid == (8, 8)
+    want_s = cross_attention_mask(maps[:, :1], [2], (8, 8))[0]
+    want_t = cross_attention_mask(maps[:, 1:], [3], (8, 8))
+    m_s, m_t = method.last_masks
+    assert torch.equal(m_s, want_s) and torch.equal(m_t, want_t)
+    assert 0 < float(m_s.sum()) < 64 and 0 < float(m_t.sum()) < 64  # both regions are non-empty
+
+
+def test_auto_masks_equal_the_explicit_mask_variant():
+    pipe = tiny_pipeline("sd")
+    auto = MasaCtrl(**AUTO, mask_resolution=8)
+    out_auto = _run(pipe, auto)
+    m_s, m_t = auto.last_masks
+    out_explicit = _run(pipe, MasaCtrl(start_step=0, start_layer=3, masks=(m_s, m_t[0])))
+    out_plain = _run(pipe, MasaCtrl(start_step=0, start_layer=3))
+    torch.testing.assert_close(out_auto, out_explicit, atol=0, rtol=0)
+    assert float((out_auto[1] - out_plain[1]).abs().max()) > 1e-6  # the masks matter
+    torch.testing.assert_close(out_auto[0], out_plain[0], atol=1e-6, rtol=1e-5)  # the source is untouched
+
+
+def test_auto_mask_resolution_rule():
+    pipe = tiny_pipeline("sd")  # cross-attention grids: 8x8 (down 0, up 1) and 4x4 (mid) on an 8x8 latent
+    default = MasaCtrl(**AUTO)  # latent/4 = 2x2: nothing that coarse, so the coarsest (the 4x4 mid block)
+    _run(pipe, default, steps=2)
+    assert default.mask_grid == (4, 4) and default.last_masks[0].shape == (4, 4)
+    finer = MasaCtrl(**AUTO, mask_resolution=6)  # 36 queries: the largest not above is 4x4 = 16
+    _run(pipe, finer, steps=2)
+    assert finer.mask_grid == (4, 4)
+    first = MasaCtrl(start_step=0, start_layer=0, end_layer=1, masks="auto", mask_resolution=8)  # before any cross
+    _run(pipe, first)
+    assert first.last_masks is None and first.edited_calls > 0  # plain mutual self-attention there
+
+
+def test_auto_mask_errors_are_one_sentence():
+    with pytest.raises(ValueError, match="masks must be None, 'auto' or a pair"):
+        MasaCtrl(masks="automatic")
+    with pytest.raises(ValueError, match="apply only with masks='auto'"):
+        MasaCtrl(source_token_ids=[1])
+    with pytest.raises(ValueError, match="target_token_ids must be a token position"):
+        MasaCtrl(masks="auto", target_token_ids=[])
+    with pytest.raises(ValueError, match="mask_threshold must be a number in"):
+        MasaCtrl(masks="auto", mask_threshold=2)
+    with pytest.raises(ValueError, match="mask_resolution must be None or a positive int"):
+        MasaCtrl(masks="auto", mask_resolution=0)
+    with pytest.raises(ValueError, match="source_token_ids \\[9\\] index past the 8 text tokens"):
+        _run(tiny_pipeline("sd"), MasaCtrl(start_step=0, start_layer=3, masks="auto", source_token_ids=[9]))
+    with pytest.raises(attnkit.AttachError, match="has no cross-attention layer"):
+        attnkit.attach(tiny_pipeline("sd3"), MasaCtrl(start_layer=1, masks="auto"))
