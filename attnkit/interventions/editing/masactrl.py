@@ -297,10 +297,12 @@ def _token_ids(ids, name: str) -> list[int]:
     return [int(i) for i in ids]
 
 
-def cross_attention_mask(maps: torch.Tensor, token_ids, grid: tuple[int, int], threshold: float = 0.1) -> torch.Tensor:
+def cross_attention_mask(maps: torch.Tensor, token_ids, grid: tuple[int, int], threshold: float = 0.1,
+                         eps: float = 0.0) -> torch.Tensor:
     """MaskAuto's mask (``aggregate_cross_attn_map`` then ``≥ thres``): cross-attention maps ``[L, P, Q, T]`` (each
     layer's map averaged over heads) → mean over the layers → sum of the ``token_ids`` columns → ``[P, h, w]`` on
-    ``grid`` → min-max normalised per image → ``1`` where ``≥ threshold``, else ``0``.
+    ``grid`` → min-max normalised per image → ``1`` where ``≥ threshold``, else ``0``. ``eps > 0``: normalise as
+    ``(x − min) / (max − min + eps)`` (DiTCtrl's ``+1e-6``) instead of exactly (a constant map → 0 either way).
 
     Example (one layer, one image on a 2×2 grid, token 1):
         >>> maps = torch.tensor([[0.5, 0.3], [0.5, 0.6], [0.5, 0.22], [0.5, 0.2]]).view(1, 1, 4, 2)
@@ -311,7 +313,10 @@ def cross_attention_mask(maps: torch.Tensor, token_ids, grid: tuple[int, int], t
     image = image.reshape(image.shape[0], *grid)  # [P, h, w]
     low = image.amin(dim=(1, 2), keepdim=True)
     span = image.amax(dim=(1, 2), keepdim=True) - low
-    image = torch.where(span > 0, (image - low) / span.clamp_min(1e-30), torch.zeros_like(image))
+    if eps > 0:
+        image = (image - low) / (span + eps)
+    else:
+        image = torch.where(span > 0, (image - low) / span.clamp_min(1e-30), torch.zeros_like(image))
     return (image >= threshold).float()
 
 
