@@ -5,7 +5,7 @@ import platform
 import sys
 
 PACKAGES = ("torch", "transformers", "diffusers", "accelerate", "huggingface-hub", "tokenizers", "safetensors",
-            "numpy", "triton", "datasets", "lm_eval", "gguf", "matplotlib", "attnkit")
+            "numpy", "triton", "datasets", "lm_eval", "gguf", "matplotlib", "hypothesis", "pytest", "attnkit")
 
 
 def version(name: str) -> str:
