@@ -53,6 +53,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout this script is in
 import attnkit  # noqa: E402
 from attnkit.data import data_path  # noqa: E402
+from attnkit.hooks.compat import cache_kwargs, output_cache  # noqa: E402
 from attnkit.eval.metrics import niah  # noqa: E402
 from attnkit.eval.metrics.rouge import rouge1_recall  # noqa: E402
 from attnkit.interventions.kvcache.duo import DuoAttention, duo_calibrate, passkey_samples  # noqa: E402
@@ -135,16 +136,16 @@ def teacher_forced(model, ids: torch.Tensor, m: int) -> tuple[float, float]:
     nll, times = [], []
     with torch.no_grad():
         out = model(ids[:, : n - m], attention_mask=torch.ones(1, n - m, dtype=torch.long), use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = output_cache(out), out.logits[:, -1]
         for t in range(n - m, n):
             nll.append(float(-torch.log_softmax(logits.float(), -1)[0, ids[0, t]]))
             if t == n - 1:
                 break
             start = time.perf_counter()
-            out = model(ids[:, t:t + 1], attention_mask=torch.ones(1, t + 1, dtype=torch.long), cache=cache,
-                        use_cache=True)
+            out = model(ids[:, t:t + 1], attention_mask=torch.ones(1, t + 1, dtype=torch.long),
+                        **cache_kwargs(model, cache))  # the cache under the name this transformers accepts
             times.append(time.perf_counter() - start)
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            cache, logits = output_cache(out), out.logits[:, -1]
     return math.exp(sum(nll) / len(nll)), 1000 * sum(times) / max(1, len(times))
 
 

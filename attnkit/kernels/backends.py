@@ -174,6 +174,17 @@ def _triton_unavailable(device_type: str) -> str | None:
     return None
 
 
+#: the oldest torch whose compiled FlexAttention ran on CPU here (2.13 passes the flex tests; 2.7's inductor fails
+#: to compile it: "CppCompileError" / "FlexAttentionHigherOrderVariable() has no type"; releases between are untested)
+CPU_FLEX_MIN_TORCH = (2, 13)
+
+
+def _torch_release(version: str) -> tuple[int, int]:
+    """``"2.13.0+cpu"`` → ``(2, 13)``."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 def flex_unavailable(device_type: str) -> str | None:
     """None when compiled FlexAttention can run on ``device_type``, else the reason (no kernel import).
 
@@ -188,6 +199,11 @@ def flex_unavailable(device_type: str) -> str | None:
 
         return None if torch.cuda.is_available() else "no CUDA device"
     if device_type == "cpu":
+        import torch
+
+        if _torch_release(torch.__version__) < CPU_FLEX_MIN_TORCH:
+            return (f"compiled FlexAttention on CPU is tested from torch {'.'.join(map(str, CPU_FLEX_MIN_TORCH))} "
+                    f"(torch 2.7 fails to compile it); this is torch {torch.__version__}")
         if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
             return "compiling FlexAttention on CPU needs a C++ compiler (g++ / clang++) on PATH"
         return None

@@ -101,7 +101,7 @@ def test_cpu_capabilities_are_honest():
     assert choose_backend("auto", {"softcap": ["gemma2"]}, "cpu").name == "eager"
     verdicts = {v["backend"]: v for v in explain({"score_bias": ["pasta"]}, "cpu")}
     assert verdicts["torch"]["chosen"] and not verdicts["flex"]["eligible"]
-    assert "never automatic on CPU" in verdicts["flex"]["reason"]
+    assert ("never automatic on CPU" if flex_unavailable("cpu") is None else "unavailable") in verdicts["flex"]["reason"]
     q, k, v = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
     with pytest.raises(ValueError, match="cannot return the log-sum-exp"):
         flex.flex_group_partials(q, k, v, torch.zeros(1, 16, dtype=torch.long), 2, KeyMask.build(16, 16), scale=0.5)
@@ -201,3 +201,15 @@ def test_flex_backend_equals_eager_through_attach(family):
     real = mask.bool()
     assert (out["flex"][0] - out["eager"][0])[real].abs().max() <= 1e-4
     assert (out["flex"][1] - out["eager"][1]).abs().max() <= 1e-4
+
+
+def test_cpu_flex_needs_a_tested_torch(monkeypatch):
+    """Compiled flex on CPU is refused, with the reason, on a torch older than the one it was tested on."""
+    from attnkit.kernels import backends
+
+    assert backends._torch_release("2.13.0+cpu") == (2, 13) and backends._torch_release("2.7.0") == (2, 7)
+    monkeypatch.setattr(torch, "__version__", "2.7.0")
+    reason = flex_unavailable("cpu")
+    assert reason is not None and "2.7.0" in reason and "2.13" in reason
+    with pytest.raises(ValueError, match="unavailable on cpu"):
+        choose_backend("flex", {"score_bias": ["pasta"]}, "cpu")

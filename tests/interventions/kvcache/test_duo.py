@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attnkit
+from attnkit.hooks.compat import cache_kwargs, output_cache
 from decode_reference import attnkit_run, duo_ref, reference_run
 from attnkit.interventions.kvcache.duo import DuoAttention, _GatedStreams, binarise, chunked_allowed, deploy_allowed, \
     duo_calibrate, duo_loss, full_kv_heads, lambda_allowed, load_duo_gates, lr_multiplier
@@ -65,8 +66,8 @@ def test_chunked_prefill_equals_feeding_chunks():
             cache, parts = None, []
             for c0 in range(0, IDS.shape[1], 4):
                 mask = torch.ones(1, c0 + 4, dtype=torch.long)
-                out = model(IDS[:, c0:c0 + 4], attention_mask=mask, cache=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(IDS[:, c0:c0 + 4], attention_mask=mask, **cache_kwargs(model, cache))
+                cache = output_cache(out)
                 parts.append(out.logits)
     assert torch.allclose(one_call, torch.cat(parts, 1), atol=1e-5)
 
