@@ -50,6 +50,7 @@ from attnkit.interventions.base import Intervention, MaskBlock, register_interve
 from attnkit.interventions.kvcache._sparse import expand_kv, key_indices, key_rope_positions, masked_softmax, \
     real_keys, scaling_of, softcap_of, visible
 from attnkit.rope import Rotary, rotary_for
+from attnkit.targets import parse_layers
 
 SPAN = "pine_segments"
 
@@ -188,10 +189,9 @@ class PINE(Intervention):
 
     def install(self, handle) -> list:
         self._model = handle.model
+        layers = parse_layers(self.target.layers, handle.description.component("text").num_layers)  # any layer spec
         self._rotary = {} if not self.reposition else {
-            layer: rotary_for(handle.model, layer, self.name) for layer in
-            (self.target.layers if self.target.layers is not None else range(handle.description.component("text")
-                                                                                .num_layers))}
+            layer: rotary_for(handle.model, layer, self.name) for layer in layers}
         return []
 
     # ---- segments of this sequence ---------------------------------------------------------------------------------

@@ -171,3 +171,17 @@ def test_pine_inputs_tokenise_segments_separately(smollm2):
     ids, ranges = pine_inputs(tok, "Question: which?", [" A. red", " B. blue"], " Answer:")
     assert ranges[0][0][1] == ranges[0][1][0]  # adjacent
     assert tok.decode(ids[0, ranges[0][1][0]:ranges[0][1][1]]) == " B. blue"
+
+
+@pytest.mark.parametrize("layers", [0, "1", "0-1", [-1], None])
+def test_every_layer_spec_form_attaches(layers):
+    """A single int, a range string, negatives or nothing: PINE resolves the spec like every target (found by the
+    recipe fuzz on hypothesis 6.100: ``layers: 0`` raised TypeError inside attach)."""
+    model = tiny_causal_lm("llama")
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        stock = model(ids).logits
+        with attnkit.attach(model, [PINE(layers=layers)]) as handle:
+            handle.set_span("pine_segments", [[(1, 3), (3, 5)]])
+            changed = model(ids).logits
+    assert torch.isfinite(changed).all() and not torch.allclose(changed, stock, atol=1e-6)
