@@ -30,7 +30,7 @@ def test_worked_examples():
 
 
 def attend_and_excite_smoothing():
-    """diffusers' own GaussianSmoothing: the pipeline moved under ``deprecated`` in diffusers 0.36."""
+    """diffusers' own GaussianSmoothing: the pipeline moved under ``deprecated`` in newer diffusers (0.35.2 has it at the top level)."""
     import importlib
 
     for package in ("diffusers.pipelines.deprecated", "diffusers.pipelines"):
