@@ -30,7 +30,8 @@ def test_worked_examples():
 
 
 def attend_and_excite_smoothing():
-    """diffusers' own GaussianSmoothing: the pipeline moved under ``deprecated`` in newer diffusers (0.35.2 has it at the top level)."""
+    """diffusers' own GaussianSmoothing: the pipeline moved under ``deprecated`` in newer diffusers (0.35.2 has it
+    at the top level)."""
     import importlib
 
     for package in ("diffusers.pipelines.deprecated", "diffusers.pipelines"):
