@@ -74,6 +74,21 @@ class BranchInputs:
     valid: torch.Tensor
 
 
+def read_call(args: tuple, kwargs: dict) -> dict:
+    """What a whole-model forward pre-hook needs of the call: ``ids`` (``[B, N]`` or None), ``mask`` (2-D or None),
+    ``cache`` (any spelling, :mod:`attnkit.hooks.compat`) and ``prefill`` (no cached tokens before this call).
+
+    Example:
+        >>> call = read_call((torch.tensor([[1, 2, 3]]),), {"attention_mask": None})
+        >>> call["ids"].shape, call["prefill"], call["cache"] is None
+        (torch.Size([1, 3]), True, True)
+    """
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    cache = cache_from_kwargs(kwargs)
+    return {"ids": ids, "mask": kwargs.get("attention_mask"), "prefill": (cache_length(cache) or 0) == 0,
+            "cache": cache}
+
+
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids from a 2-D mask as ``generate`` makes them: ``cumsum − 1``, pads at 0. ``[B, T]`` → ``[B, T]``.
 
@@ -147,12 +162,9 @@ class BranchedLogits(Intervention):
     def _pre_outer(self, module, args, kwargs):
         if self._busy:
             return
-        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        cache = cache_from_kwargs(kwargs)
-        past = cache_length(cache) or 0
         extra = {k: v for k, v in kwargs.items() if k not in _CALL_KEYS and cache_from_kwargs({k: v}) is None}
-        self._call = {"ids": ids, "mask": kwargs.get("attention_mask"), "prefill": past == 0, "cache": cache,
-                      "use_cache": kwargs.get("use_cache", True) is not False, "embeds": None, "kwargs": extra,
+        self._call = {**read_call(args, kwargs), "use_cache": kwargs.get("use_cache", True) is not False,
+                      "embeds": None, "kwargs": extra,
                       "all": {k: v for k, v in kwargs.items() if cache_from_kwargs({k: v}) is None}}
         if self._call["prefill"] and self._handle.active:
             self.on_prefill(self._call)

@@ -40,7 +40,8 @@ import torch
 
 import math
 
-from attnkit.hooks.compat import cache_from_kwargs, cache_kwargs, cache_length, output_cache
+from attnkit.branch import read_call
+from attnkit.hooks.compat import cache_kwargs, output_cache
 from attnkit.interventions.base import Intervention, register_intervention
 from attnkit.interventions.pruning._vision_cls import ClsAttention, image_token_scores, vision_layers
 from attnkit.targets import Target
@@ -153,10 +154,7 @@ class Paint(Intervention):
     def _pre_outer(self, module, args, kwargs):
         if self._busy:
             return
-        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        cache = cache_from_kwargs(kwargs)
-        self._call = {"ids": ids, "mask": kwargs.get("attention_mask"), "prefill": (cache_length(cache) or 0) == 0,
-                      "cache": cache}
+        self._call = read_call(args, kwargs)
 
     def _post_outer(self, module, args, kwargs, output):
         call, self._call = self._call, None
