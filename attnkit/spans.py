@@ -185,6 +185,14 @@ class SequenceTracker:
             return mask[:, where]
         return torch.gather(mask, 1, where.clamp(0, mask.shape[1] - 1))
 
+    def memo(self, key, compute):
+        """``compute()``, kept under ``key`` until the next forward call is observed (what every layer of one forward
+        would otherwise recompute; see :meth:`attnkit.interventions.base.AttentionContext.per_forward`)."""
+        key = ("memo", key)
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
     # ---- queries -------------------------------------------------------------------------------------------
     def mask(self, name: str) -> torch.Tensor:
         """Bool mask ``[B, T]`` over all tracked positions for a built-in or user span."""

@@ -166,9 +166,38 @@ class AttentionContext:
         q_mask = q_mask.to(self.device)
         return q_mask if self.query_rows is None else q_mask[:, self.query_rows.to(self.device)]
 
+    def per_forward(self, key, compute):
+        """``compute()`` once per forward call for all the layers whose keys are the same tracked positions, e.g. a key
+        bias that depends only on the spans: ``key`` names the value (include the intervention, ``self`` of the
+        caller, when it depends on its settings). A layer whose cache was pruned or whose keys were edited, a capture
+        re-computing rows, and a call without a tracker (diffusers) compute their own.
+
+        Example:
+            >>> from attnkit.spans import SequenceTracker
+            >>> tracker = SequenceTracker(); tracker.observe(torch.tensor([[4, 5, 6]]), None, past_length=0)
+            >>> ctx = AttentionContext(layer=0, module=None, tracker=tracker, batch=1, num_heads=2, q_len=3, k_len=3,
+            ...                        causal=True, device=torch.device("cpu"))
+            >>> calls = []
+            >>> [ctx.per_forward("ones", lambda: calls.append(1) or torch.ones(3)).sum().item() for _ in range(2)]
+            [3.0, 3.0]
+            >>> len(calls)
+            1
+        """
+        tracker = self.tracker
+        if (tracker is None or self.orig_k_len is not None or self.query_rows is not None
+                or self.layer in tracker.key_position_providers):
+            return compute()
+        return tracker.memo((key, self.batch, self.k_len, str(self.device)), compute)
+
     def group_ids(self, names: tuple) -> torch.Tensor:
         """``[B, K]`` long group id per key: g+1 for the first span in ``names`` containing it, 0 otherwise.
-        An entry of ``names`` is a span name or a callable ``ctx -> bool [B, K]`` (a computed span)."""
+        An entry of ``names`` is a span name or a callable ``ctx -> bool [B, K]`` (a computed span). Ids from span
+        names alone are computed once per forward (:meth:`per_forward`)."""
+        if all(isinstance(name, str) for name in names):
+            return self.per_forward(("group_ids", tuple(names)), lambda: self._group_ids(names))
+        return self._group_ids(names)
+
+    def _group_ids(self, names: tuple) -> torch.Tensor:
         ids = torch.zeros(self.batch, self.k_len, dtype=torch.long, device=self.device)  # [B, K]
         for g in reversed(range(len(names))):
             mask = names[g](self) if callable(names[g]) else self.key_mask(names[g])  # [B, K] bool
@@ -238,6 +267,17 @@ class Intervention:
         An entry may also be a callable ``ctx -> bool [B, K]`` for masks computed per layer at run time (e.g. VAR's
         sink tokens, found from each layer's hidden states)."""
         return ()
+
+    def key_group_ids(self, ctx: AttentionContext) -> torch.Tensor:
+        """``[B, K]`` long: the group of each key of this call for :meth:`group_factors` (0 … ``len(key_groups())``).
+        The default reads :meth:`key_groups` (:meth:`AttentionContext.group_ids`); override it when the ids come out
+        of one computation (e.g. ACT's per-head sink patterns) rather than one mask per group."""
+        return ctx.group_ids(self.key_groups())
+
+    def wants_key_stats(self, ctx: AttentionContext) -> bool:
+        """Whether :meth:`key_stats` would use this call's statistics (default: always). The backends skip the column
+        pass when it says False, e.g. ACT, whose sinks are fixed at the prefill, on every decoding step."""
+        return True
 
     def attached_to(self):
         """The live :class:`~attnkit.api.Handle` running this instance, or None."""

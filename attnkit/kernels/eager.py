@@ -70,8 +70,8 @@ def stats_stage(probs: torch.Tensor, entries, make_ctx) -> None:
     for entry in entries:
         if "key_stats" in entry.intervention.capabilities():
             ctx = make_ctx(entry)
-            if ctx.query_rows is not None:
-                continue  # a capture re-computing a few rows: statistics would be partial
+            if ctx.query_rows is not None or not entry.intervention.wants_key_stats(ctx):
+                continue  # a capture re-computing a few rows (statistics would be partial), or not wanted here
             q_real = real_queries(ctx)
             rows = probs if q_real is None else probs * q_real[:, None, :, None]
             entry.intervention.key_stats(rows.sum(dim=2), ctx)  # [B, H, K]
@@ -86,7 +86,7 @@ def prob_stage(probs: torch.Tensor, entries, make_ctx) -> torch.Tensor:
             continue
         ctx = make_ctx(entry)
         if "group_factors" in caps:
-            ids = ctx.group_ids(iv.key_groups())  # [B, K]
+            ids = iv.key_group_ids(ctx)  # [B, K]
             num_groups = len(iv.key_groups()) + 1
             probs = reweight_groups(probs, ids, lambda m: iv.group_factors(m, ctx), heads, num_groups)
         if "edit_probs" in caps:

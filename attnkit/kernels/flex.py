@@ -304,8 +304,7 @@ def flex_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, so
     if softcap is None and qscale is not None:  # without soft-capping a factor on the scores is one on q
         q, qscale = q * qscale.to(q.dtype), None
     for entry in entries:
-        if "key_stats" in entry.caps:
-            ctx = ctx_of(entry)
+        if "key_stats" in entry.caps and entry.intervention.wants_key_stats(ctx := ctx_of(entry)):
             col = key_mass(q, k, scale=scaling, mask=keys, query_select=real_queries(ctx), backend="torch")  # [B,H,K]
             entry.intervention.key_stats(col, ctx)
     grouped = [e for e in entries if "group_factors" in e.caps]

@@ -32,6 +32,8 @@ non-causal call for later queries), merged exactly; otherwise query-chunked math
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from attnkit.kernels import segments
@@ -117,57 +119,89 @@ def _row_mask(keys: KeyMask, Q: int, K: int, device) -> torch.Tensor | None:
     return ok
 
 
-def _row_group_sums(q, k, v, key_group, G, keys: KeyMask, *, scale):
-    """Few query rows (decode): unnormalised per-group sums with one shared row maximum ``top``:
-    ``num [B,H,Q,G,D] = Σ_{j∈g} e^{s_j - top} v_j``, ``z [B,H,Q,G] = Σ_{j∈g} e^{s_j - top}`` (fp32), and
-    ``top [B,H,Q,1]``. One score pass, O(Q·K) memory; under a causal + padding mask (the decode case) every key is
-    scored in place, with no copy of K or V."""
-    B, H, Hkv, Q, K, D = check_shapes(q, k, v)
-    R = H // Hkv
+class RowSums(NamedTuple):
+    """The attention of a few query rows split by key group (:func:`row_sums`)."""
+
+    p: torch.Tensor  # [B,Hkv,R,Q,Kr] fp32: the rows' probabilities (0 on masked keys and on rows that see no key)
+    member: torch.Tensor  # [B,G,Kr] fp32: 1 where key j is in group g
+    v: torch.Tensor  # [B,Hkv,Kr,D] the values of the scored keys
+    mass: torch.Tensor  # [B,H,Q,G] fp32: M_g = Σ_{j∈g} p_j
+    lse: torch.Tensor | None  # [B,H,Q,1] fp32 log-sum-exp of the row's scores (when asked for), -inf: no key
+
+    def partials(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out_g [B,H,Q,G,D], lse_g [B,H,Q,G])`` as :func:`group_partials` returns them (needs ``lse``)."""
+        B, Hkv, R, Q, Kr = self.p.shape
+        G = self.member.shape[1]
+        pg = self.p.unsqueeze(-2) * self.member[:, None, None, None]  # [B,Hkv,R,Q,G,Kr]
+        num = torch.matmul(pg.reshape(B, Hkv, R * Q * G, Kr), self.v.float()).view(B, Hkv * R, Q, G, -1)
+        out_g = num / torch.where(self.mass > 0, self.mass, 1.0).unsqueeze(-1)  # [B,H,Q,G,D]; empty groups: 0
+        return out_g, torch.log(self.mass) + self.lse  # log 0 = -inf
+
+
+def group_member(key_group: torch.Tensor, G: int) -> torch.Tensor:
+    """One-hot group membership ``[B,G,K]`` fp32 of ``key_group [B,K]`` (ids outside ``[0, G)`` are in no group).
+
+    Example:
+        >>> group_member(torch.tensor([[0, 2, 1, 0]]), 3)[0].tolist()
+        [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
+    """
+    return (key_group[:, None, :] == torch.arange(G, device=key_group.device)[:, None]).float()
+
+
+def row_sums(q, k, v, key_group, G, keys: KeyMask, *, scale, lse: bool = False,
+             member: torch.Tensor | None = None) -> RowSums:
+    """Few query rows (decode): one score pass, O(Q·K) memory, the rows' probabilities and their mass per group
+    (see :class:`RowSums`). Under a causal + padding mask (the decode case) every key is scored in place, with no
+    copy of K or V. ``member``: :func:`group_member` of ``key_group`` when the caller has it already."""
+    B, H, Q, _ = q.shape
+    Hkv, K = k.shape[1], k.shape[2]
+    ok = None
     if keys.structured and keys.window is None and not (keys.causal and Q > K):
         s = gqa_scores(q, k, scale)  # [B,Hkv,R,Q,K]
         v_r, grp = v, key_group
+        member = group_member(grp, G) if member is None else member  # [B,G,K]
         ok = _row_mask(keys, Q, K, q.device)  # [B|1,1,1,Q,K] | None (None: every row sees every key)
         if ok is not None:
             s = s.masked_fill_(~ok, float("-inf"))
     else:
         kidx, ok, bias = keys.block(slice(0, Q), q.device)  # [Kr], [B|1,H|1,Q,Kr], fp32 | None
         v_r, grp = v.index_select(2, kidx), key_group.index_select(1, kidx)  # [B,Hkv,Kr,D], [B,Kr]
+        member = group_member(grp, G) if member is None else member.index_select(2, kidx)  # [B,G,Kr]
         s = gqa_scores(q, k.index_select(2, kidx), scale)  # [B,Hkv,R,Q,Kr]
         if bias is not None:
             s = s + gqa_view(bias, Hkv)
         s = s.masked_fill_(~gqa_view(ok, Hkv), float("-inf"))
-    top = s.amax(dim=-1, keepdim=True)  # [B,Hkv,R,Q,1]
-    if ok is not None:  # a row may see no key at all: its max is -inf
-        top = top.masked_fill_(torch.isneginf(top), 0.0)
-    e = s.sub_(top).exp_()  # [B,Hkv,R,Q,Kr], 0 on masked keys
-    member = grp[:, None, :] == torch.arange(G, device=grp.device)[:, None]  # [B,G,Kr] bool
-    eg = e.unsqueeze(-2) * member[:, None, None, None]  # [B,Hkv,R,Q,G,Kr]: e split by group
-    z = eg.sum(-1)  # [B,Hkv,R,Q,G]
-    num = torch.matmul(eg.reshape(B, Hkv, R * Q * G, -1), v_r.float())  # [B,Hkv,R*Q*G,D]
-    return num.view(B, H, Q, G, D), z.reshape(B, H, Q, G), top.reshape(B, H, Q, 1)
+    row_lse = torch.logsumexp(s, dim=-1, keepdim=True).view(B, H, Q, 1) if lse else None
+    p = torch.softmax(s, dim=-1)  # [B,Hkv,R,Q,Kr]
+    if ok is not None:  # a row that sees no key: NaN → 0
+        p = p.nan_to_num_(0.0)
+    mass = torch.matmul(p, member.transpose(1, 2)[:, None, None])  # [B,Hkv,R,Q,G]
+    return RowSums(p, member, v_r, mass.view(B, H, Q, G), row_lse)
 
 
 def _row_group_partials(q, k, v, key_group, G, keys: KeyMask, *, scale):
-    """:func:`_row_group_sums` normalised to ``(out_g [B,H,Q,G,D], lse_g [B,H,Q,G])``."""
-    num, z, top = _row_group_sums(q, k, v, key_group, G, keys, scale=scale)
-    out_g = num / torch.where(z > 0, z, 1.0).unsqueeze(-1)  # empty groups: num = 0
-    return out_g, torch.log(z) + top  # log 0 = -inf
+    """:func:`row_sums` as ``(out_g [B,H,Q,G,D], lse_g [B,H,Q,G])``."""
+    return row_sums(q, k, v, key_group, G, keys, scale=scale, lse=True).partials()
 
 
-def row_reweight(num: torch.Tensor, z: torch.Tensor, factors: torch.Tensor, dtype=None) -> torch.Tensor:
-    """Reweighted attention from :func:`_row_group_sums`: ``Σ_g c_g num_g / Σ_g c_g z_g`` → ``[B,H,Q,D]`` — the same
-    value as :func:`combine_groups` on the normalised partials (``M_g = z_g / Σ z``), in a handful of operations.
+def row_reweight(sums: RowSums, factors: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Reweighted attention from :func:`row_sums`: ``Σ_j c_{g(j)} p_j v_j / Σ_g c_g M_g`` → ``[B,H,Q,D]``, the same
+    value as :func:`combine_groups` on the group partials, with the factors spread over the keys: no per-group
+    outputs. Rows whose weighted mass is 0 give 0.
 
-    Example:
-        >>> num = torch.eye(2).view(1, 1, 1, 2, 2) * torch.tensor([0.7, 0.3]).view(1, 1, 1, 2, 1)
-        >>> row_reweight(num, torch.tensor([0.7, 0.3]).view(1, 1, 1, 2), torch.tensor([1.0, 0.4]))
-        tensor([[[[0.8537, 0.1463]]]])
+    Example (two keys with equal scores, in groups 0 and 1; the second group × 0.4):
+        >>> from attnkit.kernels.masks import KeyMask
+        >>> q, k, v = torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 2, 2), torch.eye(2).view(1, 1, 2, 2)
+        >>> sums = row_sums(q, k, v, torch.tensor([[0, 1]]), 2, KeyMask.build(1, 2), scale=1.0)
+        >>> row_reweight(sums, torch.tensor([1.0, 0.4]))             # masses 0.5 / 0.5 → 0.5 / 0.2, renormalised
+        tensor([[[[0.7143, 0.2857]]]])
     """
-    c = factors.float().expand(z.shape)  # [B,H,Q,G]
-    den = (c * z).sum(-1, keepdim=True)  # [B,H,Q,1]
-    out = torch.matmul(c.unsqueeze(-2), num).squeeze(-2)  # [B,H,Q,D]
-    out = out.div_(torch.where(den > 0, den, 1.0))
+    B, Hkv, R, Q, Kr = sums.p.shape
+    c = factors.float().expand(sums.mass.shape)  # [B,H,Q,G]
+    den = (c * sums.mass).sum(-1, keepdim=True)  # [B,H,Q,1]
+    per_key = torch.matmul(c.reshape(B, Hkv, R, Q, -1), sums.member[:, None, None])  # [B,Hkv,R,Q,Kr]
+    out = torch.matmul((sums.p * per_key).view(B, Hkv, R * Q, Kr), sums.v.float())  # [B,Hkv,R*Q,D]
+    out = out.view(B, Hkv * R, Q, -1).div_(torch.where(den > 0, den, 1.0))
     return out if dtype is None else out.to(dtype)
 
 

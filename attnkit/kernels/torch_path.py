@@ -14,12 +14,14 @@ Example:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from attnkit.kernels.eager import output_stage, real_queries, repeat_kv, reweight_groups
-from attnkit.kernels.grouped import (DECODE_ROWS, _row_group_sums, combine_groups, group_mass, group_partials,
-                                     masked_attention, row_reweight)
+from attnkit.kernels.grouped import (DECODE_ROWS, combine_groups, group_mass, group_member, group_partials,
+                                     masked_attention, row_reweight, row_sums)
 from attnkit.kernels.masks import KeyMask, allowed_mask, attach_mask, causal_allowed
 from attnkit.kernels.plan import query_factors, restrict_bias, select_heads
 from attnkit.kernels.stats import key_mass
@@ -99,8 +101,7 @@ def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, s
                     b = restrict_bias(b, heads)
                     bias = b if bias is None else bias + b
     for entry in entries:
-        if "key_stats" in entry.caps:
-            ctx = ctx_of(entry)
+        if "key_stats" in entry.caps and entry.intervention.wants_key_stats(ctx := ctx_of(entry)):
             col = key_mass(q, k, scale=scaling, mask=keys, query_select=real_queries(ctx), backend=kernel)  # [B,H,K]
             entry.intervention.key_stats(col, ctx)
     grouped = [e for e in entries if "group_factors" in e.caps]
@@ -150,14 +151,14 @@ def grouped_attention(q, k, v, keys: KeyMask, grouped_entries, *, scaling, make_
     out = None
     for entry in grouped_entries:
         iv, ctx = entry.intervention, make_ctx(entry)
-        groups = ctx.group_ids(iv.key_groups())  # [B, K]
+        groups = iv.key_group_ids(ctx)  # [B, K]
         num_groups = len(iv.key_groups()) + 1
-        present = int(groups.max()) + 1 if groups.numel() else 1  # trailing empty groups cost nothing
+        layout = _layout(groups, ctx)
+        present = layout.present  # trailing empty groups cost nothing
         heads = entry.heads_on(q.device)
-        if kernel == "torch" and q.shape[2] <= DECODE_ROWS:  # decode: unnormalised sums, combined directly
-            num, z, _ = _row_group_sums(q, k, v, groups, present, keys, scale=scaling)  # [B,H,Q,G,D], [B,H,Q,G]
-            total = z.sum(-1, keepdim=True)  # [B,H,Q,1]; 0 only on a row that sees no key (a masked call)
-            mass = z / (total if keys.is_plain_causal else torch.where(total > 0, total, 1.0))  # [B,H,Q,G_present]
+        if kernel == "torch" and q.shape[2] <= DECODE_ROWS:  # decode: one pass over the keys, no group outputs
+            sums = row_sums(q, k, v, groups, present, keys, scale=scaling, member=layout.member)
+            mass = sums.mass  # [B,H,Q,G_present]; all 0 on a row that sees no key (a masked call)
         else:
             if partials is not None:  # another backend's partials (flex)
                 out_g, lse_g = partials(q, k, v, groups, present, keys, scale=scaling)
@@ -173,8 +174,26 @@ def grouped_attention(q, k, v, keys: KeyMask, grouped_entries, *, scaling, make_
         if applied is not None:  # what captures need to reproduce these rows' edited probabilities
             applied.append((heads, groups, factors))
         if kernel == "torch" and q.shape[2] <= DECODE_ROWS:
-            edited = row_reweight(num, z, factors, dtype=q.dtype)  # [B,H,Q,D]
+            edited = row_reweight(sums, factors, dtype=q.dtype)  # [B,H,Q,D]
         else:
             edited = combine_groups(out_g, lse_g, factors, dtype=q.dtype)  # [B,H,Q,D]
         out = edited if out is None else select_heads(edited, out, heads)
     return out
+
+
+class GroupLayout(NamedTuple):
+    ids: torch.Tensor  # [B, K] long group of each key
+    present: int  # 1 + the largest id: the groups that have keys
+    member: torch.Tensor  # [B, G_present, K] fp32 one-hot (grouped.group_member)
+
+
+def _layout(groups: torch.Tensor, ctx) -> GroupLayout:
+    """``groups``' present count and one-hot membership, computed once per forward for ids that every layer shares
+    (span ids come memoised per forward: the same tensor object in each layer); the stored layout keeps its ids
+    alive, so an id() seen again in this forward is the same tensor."""
+    def build() -> GroupLayout:
+        present = int(groups.max()) + 1 if groups.numel() else 1
+        return GroupLayout(groups, present, group_member(groups, present))
+
+    layout = ctx.per_forward(("group_layout", id(groups)), build) if ctx is not None else build()
+    return layout if layout.ids is groups else build()

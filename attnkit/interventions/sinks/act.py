@@ -129,21 +129,29 @@ class ACT(Intervention):
         return torch.gather(heads, 2, slot[:, None, :].expand(-1, heads.shape[1], -1))  # [B, H, T0]
 
     # ---- the rule -------------------------------------------------------------------------------------------
-    def _slot_mask(self, i: int):
-        def mask(ctx) -> torch.Tensor:  # [B, K]
-            slot = ctx.state.get("act_slot")
-            out = torch.zeros(ctx.batch, ctx.tracker.length, dtype=torch.bool)
-            if slot is not None and slot.shape[0] == ctx.batch:
-                n = min(slot.shape[1], out.shape[1])
-                out[:, :n] = slot[:, :n] == i
-            return ctx.keys_of(out).to(ctx.device)
-
-        return mask
+    def wants_key_stats(self, ctx) -> bool:
+        return ctx.is_prefill and ctx.q_len == ctx.k_len  # Ŝ is fixed at prefill: no column pass while decoding
 
     def key_groups(self):
+        """One group per head pattern (slot 1 … ``max_patterns``); :meth:`key_group_ids` gives all of them at once."""
         if not hasattr(self, "_groups"):
             self._groups = tuple(self._slot_mask(i) for i in range(1, self.max_patterns + 1))
         return self._groups
+
+    def key_group_ids(self, ctx) -> torch.Tensor:
+        """``[B, K]``: the pattern slot of each key (0: no head calls it a sink; keys after the prefill are 0)."""
+        slot = ctx.state.get("act_slot")  # [B, T0]
+        length = ctx.tracker.length
+        if slot is None or slot.shape[0] != ctx.batch:
+            return torch.zeros(ctx.batch, ctx.k_len, dtype=torch.long, device=ctx.device)
+        tracked = torch.nn.functional.pad(slot[:, :length], (0, length - min(slot.shape[1], length)))  # [B, T]
+        return ctx.keys_of(tracked).to(ctx.device)
+
+    def _slot_mask(self, i: int):
+        def mask(ctx) -> torch.Tensor:  # [B, K]
+            return self.key_group_ids(ctx) == i
+
+        return mask
 
     def group_factors(self, mass: torch.Tensor, ctx) -> torch.Tensor:  # mass [B, H, Q, G]
         slot_heads = ctx.state.get("act_slot_heads")

@@ -124,6 +124,9 @@ class Pasta(Intervention):
         return torch.nn.functional.pad(counts, (0, span.shape[1] - counts.shape[1])), sections  # [B, T], [B]
 
     def score_bias(self, ctx):
+        return ctx.per_forward((self, "key_bias"), lambda: self._key_bias(ctx))  # the same for every layer
+
+    def _key_bias(self, ctx):
         counts, sections = self._section_counts(ctx)
         span = ctx.keys_of(counts)  # [B, K] sections containing each key
         prompt = ctx.key_mask("prompt").cpu()  # [B, K] real prompt tokens
