@@ -37,12 +37,12 @@ from __future__ import annotations
 import torch
 
 from attnkit.kernels.masks import allowed_mask
-from attnkit.kernels.plan import select_heads
+from attnkit.kernels.plan import entry_caps, select_heads
 
 
 def kv_entries(entries) -> list:
     """The plan entries of a site that edit q/k/v."""
-    return [e for e in entries if "edit_kv" in e.intervention.capabilities()]
+    return [e for e in entries if "edit_kv" in entry_caps(e)]
 
 
 def _repeat_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -34,11 +34,12 @@ from __future__ import annotations
 import torch
 
 from attnkit.kernels.masks import allowed_mask
+from attnkit.kernels.plan import entry_caps
 
 
 def mask_entries(entries) -> list:
     """The plan entries of a site that override the mask."""
-    return [e for e in entries if "override_mask" in e.intervention.capabilities()]
+    return [e for e in entries if "override_mask" in entry_caps(e)]
 
 
 def _real_keys(ctx, k_len: int, device) -> torch.Tensor | None:

@@ -343,13 +343,13 @@ class TransformersAdapter(Adapter):
         causal = kwargs.get("is_causal", getattr(site.module, "is_causal", True))
         window = kwargs.get("sliding_window")
         dropout = dropout if site.module.training else 0.0
-        impl = previous_implementation(site.module.config)
 
         def make_ctx(entry, rows=None):
             return self.make_context(site, entry, q_len, k_len, batch, query.device, causal, window, rows, value,
                                      query, key)
 
         def stock():
+            impl = previous_implementation(site.module.config)
             out, _ = _stock_function(site.module, impl)(site.module, query, key, value, attention_mask,
                                                          scaling=scaling, dropout=dropout, **kwargs)
             return out.transpose(1, 2)  # [B, H, Q, D] like the backends

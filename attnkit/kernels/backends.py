@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.util
 import shutil
@@ -103,6 +104,7 @@ def kernel_name(name: str) -> str:
     raise ValueError(f"unknown backend {name!r}{hint} Choose one of {', '.join(BACKEND_NAMES)}")
 
 
+@functools.lru_cache(maxsize=None)
 def _resolve(path: str) -> Callable:
     module, _, attr = path.partition(":")
     return getattr(importlib.import_module(module), attr)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from attnkit.kernels.masks import KeyMask, allowed_mask, attach_mask
-from attnkit.kernels.plan import query_factors, restrict_bias, select_heads
+from attnkit.kernels.plan import entry_caps, query_factors, restrict_bias, select_heads
 
 
 def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -29,7 +29,7 @@ def score_stage(scores: torch.Tensor, entries, make_ctx) -> torch.Tensor:
     """Apply query_scale, score_bias and edit_scores of every entry, in order. scores: [B,H,Q,K] fp32."""
     for entry in entries:
         iv, heads = entry.intervention, entry.heads_on(scores.device)
-        caps = iv.capabilities()
+        caps = entry_caps(entry)
         if not caps & {"query_scale", "score_bias", "edit_scores"}:
             continue
         ctx = make_ctx(entry)
@@ -68,7 +68,7 @@ def real_queries(ctx) -> torch.Tensor | None:
 def stats_stage(probs: torch.Tensor, entries, make_ctx) -> None:
     """Give ``key_stats`` hooks the attention each key receives from the real queries. probs: [B,H,Q,K]."""
     for entry in entries:
-        if "key_stats" in entry.intervention.capabilities():
+        if "key_stats" in entry_caps(entry):
             ctx = make_ctx(entry)
             if ctx.query_rows is not None or not entry.intervention.wants_key_stats(ctx):
                 continue  # a capture re-computing a few rows (statistics would be partial), or not wanted here
@@ -81,7 +81,7 @@ def prob_stage(probs: torch.Tensor, entries, make_ctx) -> torch.Tensor:
     """Apply group_factors and edit_probs of every entry, in order. probs: [B,H,Q,K] fp32."""
     for entry in entries:
         iv, heads = entry.intervention, entry.heads_on(probs.device)
-        caps = iv.capabilities()
+        caps = entry_caps(entry)
         if not caps & {"group_factors", "edit_probs"}:
             continue
         ctx = make_ctx(entry)
@@ -97,17 +97,11 @@ def prob_stage(probs: torch.Tensor, entries, make_ctx) -> torch.Tensor:
 def output_stage(out: torch.Tensor, entries, make_ctx) -> torch.Tensor:
     """Apply edit_output of every entry, in order. out: [B,H,Q,D]."""
     for entry in entries:
-        if "edit_output" in _caps(entry):
+        if "edit_output" in entry_caps(entry):
             edited = entry.intervention.edit_output(out, make_ctx(entry)).to(out.dtype)
             out = edited if getattr(entry, "all_heads", False) else select_heads(edited, out,
                                                                                  entry.heads_on(out.device))
     return out
-
-
-def _caps(entry):
-    """An entry's hooks (cached on a PlanEntry; stand-in entries in tests are asked each time)."""
-    caps = getattr(entry, "caps", None)
-    return caps if caps is not None else entry.intervention.capabilities()
 
 
 def eager_probs(q, k, mask, *, scaling, entries, make_ctx, causal, softcap=None) -> torch.Tensor:

@@ -41,6 +41,12 @@ class PlanEntry:
         return self.head_mask.to(device)
 
 
+def entry_caps(entry) -> frozenset | set:
+    """An entry's hooks: cached on a :class:`PlanEntry`, asked each time of a stand-in entry (tests)."""
+    caps = getattr(entry, "caps", None)
+    return caps if caps is not None else entry.intervention.capabilities()
+
+
 def select_heads(edited: torch.Tensor, original: torch.Tensor, head_mask: torch.Tensor) -> torch.Tensor:
     """Keep ``edited`` on target heads and ``original`` elsewhere; tensors are ``[B,H,...]``."""
     shape = [1, head_mask.shape[0]] + [1] * (original.dim() - 2)
