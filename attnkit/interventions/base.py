@@ -46,7 +46,11 @@ needs the mass of several groups should sum them rather than subtract from the t
 Edits apply only to the intervention's target heads: the framework keeps the other heads untouched, so a hook may
 compute its edit for every head. ``group_factors`` works on the groups named by :meth:`Intervention.key_groups`
 (group 0 = "everything else", group g = the g-th named span; a key in several spans takes the first), and the
-rows are renormalised afterwards: ``p'_j = p_j c_g / Σ_g M_g c_g``.
+rows are renormalised afterwards: ``p'_j = p_j c_g / Σ_g M_g c_g``. Two optional methods make these cheaper:
+:meth:`Intervention.key_group_ids` returns the ids in one tensor where they come out of one computation, and
+:meth:`Intervention.wants_key_stats` lets the backends skip the statistics pass on calls that do not use it. A value
+that depends only on the spans (a key bias, group ids) can be computed once per forward for every layer with
+:meth:`AttentionContext.per_forward`.
 
 Example (a per-head output gain):
     >>> import torch

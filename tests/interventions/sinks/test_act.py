@@ -144,3 +144,17 @@ def test_smollm2_act_lowers_sink_attention(smollm2):
     assert torch.allclose(edited.sum(-1), torch.ones_like(edited.sum(-1)), atol=1e-4)
     assert not torch.allclose(edited, stock, atol=1e-3)
     del layers
+
+
+def test_decode_steps_skip_the_column_pass(monkeypatch):
+    """Ŝ is fixed at the prefill: the fused backend computes column statistics there only (one pass per ACT layer)."""
+    import attnkit.kernels.torch_path as torch_path
+
+    calls = []
+    real = torch_path.key_mass
+    monkeypatch.setattr(torch_path, "key_mass", lambda *a, **k: calls.append(a[0].shape[2]) or real(*a, **k))
+    model = tiny_causal_lm("llama", num_hidden_layers=3)
+    ids = torch.randint(3, 100, (1, 10), generator=torch.Generator().manual_seed(4))
+    with attnkit.attach(model, [ACT(layers=[1, 2], theta=0.08)], backend="torch"), torch.no_grad():
+        model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert calls == [10, 10]  # two layers at the 10-token prefill, nothing on the 3 decoding steps
