@@ -65,16 +65,23 @@ def real_queries(ctx) -> torch.Tensor | None:
     return ctx.query_mask("real") if ctx.tracker is not None else None
 
 
-def stats_stage(probs: torch.Tensor, entries, make_ctx) -> None:
-    """Give ``key_stats`` hooks the attention each key receives from the real queries. probs: [B,H,Q,K]."""
+def wanting_stats(entries, make_ctx):
+    """``(entry, ctx)`` for each entry whose ``key_stats`` hook wants this call's statistics: not a capture
+    re-computing a few rows (the statistics would be partial), and :meth:`Intervention.wants_key_stats` says yes.
+    Every backend asks this before it computes column statistics."""
     for entry in entries:
         if "key_stats" in entry_caps(entry):
             ctx = make_ctx(entry)
-            if ctx.query_rows is not None or not entry.intervention.wants_key_stats(ctx):
-                continue  # a capture re-computing a few rows (statistics would be partial), or not wanted here
-            q_real = real_queries(ctx)
-            rows = probs if q_real is None else probs * q_real[:, None, :, None]
-            entry.intervention.key_stats(rows.sum(dim=2), ctx)  # [B, H, K]
+            if ctx.query_rows is None and entry.intervention.wants_key_stats(ctx):
+                yield entry, ctx
+
+
+def stats_stage(probs: torch.Tensor, entries, make_ctx) -> None:
+    """Give ``key_stats`` hooks the attention each key receives from the real queries. probs: [B,H,Q,K]."""
+    for entry, ctx in wanting_stats(entries, make_ctx):
+        q_real = real_queries(ctx)
+        rows = probs if q_real is None else probs * q_real[:, None, :, None]
+        entry.intervention.key_stats(rows.sum(dim=2), ctx)  # [B, H, K]
 
 
 def prob_stage(probs: torch.Tensor, entries, make_ctx) -> torch.Tensor:

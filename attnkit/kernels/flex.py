@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from attnkit.kernels.backends import flex_unavailable
-from attnkit.kernels.eager import eager_attention, output_stage, real_queries, repeat_kv, reweight_groups
+from attnkit.kernels.eager import (eager_attention, output_stage, real_queries, repeat_kv, reweight_groups,
+                                   wanting_stats)
 from attnkit.kernels.masks import KeyMask, _floor, check_shapes
 from attnkit.kernels.plan import query_factors, restrict_bias, select_heads
 from attnkit.kernels.stats import key_mass
@@ -303,10 +304,9 @@ def flex_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, so
                     bias = b if bias is None else bias + b
     if softcap is None and qscale is not None:  # without soft-capping a factor on the scores is one on q
         q, qscale = q * qscale.to(q.dtype), None
-    for entry in entries:
-        if "key_stats" in entry.caps and entry.intervention.wants_key_stats(ctx := ctx_of(entry)):
-            col = key_mass(q, k, scale=scaling, mask=keys, query_select=real_queries(ctx), backend="torch")  # [B,H,K]
-            entry.intervention.key_stats(col, ctx)
+    for entry, ctx in wanting_stats(entries, ctx_of):
+        col = key_mass(q, k, scale=scaling, mask=keys, query_select=real_queries(ctx), backend="torch")  # [B,H,K]
+        entry.intervention.key_stats(col, ctx)
     grouped = [e for e in entries if "group_factors" in e.caps]
     applied: list = []
     if grouped:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from attnkit.kernels.eager import output_stage, real_queries, repeat_kv, reweight_groups
+from attnkit.kernels.eager import output_stage, real_queries, repeat_kv, reweight_groups, wanting_stats
 from attnkit.kernels.grouped import (DECODE_ROWS, combine_groups, group_mass, group_member, group_partials,
                                      masked_attention, row_reweight, row_sums)
 from attnkit.kernels.masks import KeyMask, allowed_mask, attach_mask, causal_allowed
@@ -100,10 +100,9 @@ def torch_attention(q, k, v, mask, *, scaling, entries, make_ctx, causal=True, s
                 if b is not None:
                     b = restrict_bias(b, heads)
                     bias = b if bias is None else bias + b
-    for entry in entries:
-        if "key_stats" in entry.caps and entry.intervention.wants_key_stats(ctx := ctx_of(entry)):
-            col = key_mass(q, k, scale=scaling, mask=keys, query_select=real_queries(ctx), backend=kernel)  # [B,H,K]
-            entry.intervention.key_stats(col, ctx)
+    for entry, ctx in wanting_stats(entries, ctx_of):
+        col = key_mass(q, k, scale=scaling, mask=keys, query_select=real_queries(ctx), backend=kernel)  # [B,H,K]
+        entry.intervention.key_stats(col, ctx)
     grouped = [e for e in entries if "group_factors" in e.caps]
     applied: list = []
     if grouped:
