@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -180,19 +180,22 @@ def grouped_attention(q, k, v, keys: KeyMask, grouped_entries, *, scaling, make_
     return out
 
 
-class GroupLayout(NamedTuple):
-    ids: torch.Tensor  # [B, K] long group of each key
-    present: int  # 1 + the largest id: the groups that have keys
-    member: torch.Tensor  # [B, G_present, K] fp32 one-hot (grouped.group_member)
+class GroupLayout:
+    """Group ids ``[B, K]``, the groups that have keys (``present`` = 1 + the largest id) and, built on first use (the
+    decode rows), their one-hot membership ``member [B, G_present, K]`` fp32."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+        self.present = int(ids.max()) + 1 if ids.numel() else 1
+
+    @cached_property
+    def member(self) -> torch.Tensor:
+        return group_member(self.ids, self.present)
 
 
 def _layout(groups: torch.Tensor, ctx) -> GroupLayout:
-    """``groups``' present count and one-hot membership, computed once per forward for ids that every layer shares
-    (span ids come memoised per forward: the same tensor object in each layer); the stored layout keeps its ids
-    alive, so an id() seen again in this forward is the same tensor."""
-    def build() -> GroupLayout:
-        present = int(groups.max()) + 1 if groups.numel() else 1
-        return GroupLayout(groups, present, group_member(groups, present))
-
-    layout = ctx.per_forward(("group_layout", id(groups)), build) if ctx is not None else build()
-    return layout if layout.ids is groups else build()
+    """``groups``' layout, computed once per forward for ids that every layer shares (span ids come memoised per
+    forward: the same tensor object in each layer); the stored layout keeps its ids alive, so an id() seen again in
+    this forward is the same tensor."""
+    layout = ctx.per_forward(("group_layout", id(groups)), lambda: GroupLayout(groups)) if ctx is not None else None
+    return layout if layout is not None and layout.ids is groups else GroupLayout(groups)
