@@ -187,7 +187,15 @@ class SequenceTracker:
 
     def memo(self, key, compute):
         """``compute()``, kept under ``key`` until the next forward call is observed (what every layer of one forward
-        would otherwise recompute; see :meth:`attnkit.interventions.base.AttentionContext.per_forward`)."""
+        would otherwise recompute; see :meth:`attnkit.interventions.base.AttentionContext.per_forward`).
+
+        Example:
+            >>> tr = SequenceTracker(); tr.observe(torch.tensor([[4, 5]]), None, past_length=0)
+            >>> tr.memo("k", lambda: 1), tr.memo("k", lambda: 2)          # kept within the forward
+            (1, 1)
+            >>> tr.observe(torch.tensor([[6]]), None, past_length=2); tr.memo("k", lambda: 3)  # the next one
+            3
+        """
         key = ("memo", key)
         if key not in self._cache:
             self._cache[key] = compute()

@@ -275,7 +275,19 @@ class Intervention:
     def key_group_ids(self, ctx: AttentionContext) -> torch.Tensor:
         """``[B, K]`` long: the group of each key of this call for :meth:`group_factors` (0 … ``len(key_groups())``).
         The default reads :meth:`key_groups` (:meth:`AttentionContext.group_ids`); override it when the ids come out
-        of one computation (e.g. ACT's per-head sink patterns) rather than one mask per group."""
+        of one computation (e.g. ACT's per-head sink patterns) rather than one mask per group.
+
+        Example:
+            >>> from attnkit.spans import SequenceTracker
+            >>> tracker = SequenceTracker(); tracker.observe(torch.tensor([[4, 5, 6]]), None, past_length=0)
+            >>> ctx = AttentionContext(layer=0, module=None, tracker=tracker, batch=1, num_heads=1, q_len=3, k_len=3,
+            ...                        causal=True, device=torch.device("cpu"))
+            >>> class FirstToken(Intervention):
+            ...     def key_groups(self):
+            ...         return ("first",)
+            >>> FirstToken().key_group_ids(ctx).tolist()
+            [[1, 0, 0]]
+        """
         return ctx.group_ids(self.key_groups())
 
     def wants_key_stats(self, ctx: AttentionContext) -> bool:

@@ -68,7 +68,15 @@ def real_queries(ctx) -> torch.Tensor | None:
 def wanting_stats(entries, make_ctx):
     """``(entry, ctx)`` for each entry whose ``key_stats`` hook wants this call's statistics: not a capture
     re-computing a few rows (the statistics would be partial), and :meth:`Intervention.wants_key_stats` says yes.
-    Every backend asks this before it computes column statistics."""
+    Every backend asks this before it computes column statistics.
+
+    Example (an intervention whose statistics are fixed at the prefill, as ACT's are):
+        >>> from types import SimpleNamespace as NS
+        >>> iv = NS(capabilities=lambda: {"key_stats"}, wants_key_stats=lambda ctx: ctx.is_prefill)
+        >>> entry = NS(intervention=iv)
+        >>> [len(list(wanting_stats([entry], lambda e: NS(query_rows=None, is_prefill=p)))) for p in (True, False)]
+        [1, 0]
+    """
     for entry in entries:
         if "key_stats" in entry_caps(entry):
             ctx = make_ctx(entry)

@@ -42,7 +42,14 @@ class PlanEntry:
 
 
 def entry_caps(entry) -> frozenset | set:
-    """An entry's hooks: cached on a :class:`PlanEntry`, asked each time of a stand-in entry (tests)."""
+    """An entry's hooks: cached on a :class:`PlanEntry`, asked each time of a stand-in entry (tests).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> iv = SimpleNamespace(capabilities=lambda: {"edit_output"})
+        >>> entry_caps(PlanEntry(iv, torch.tensor([True]))), entry_caps(SimpleNamespace(intervention=iv))
+        (frozenset({'edit_output'}), {'edit_output'})
+    """
     caps = getattr(entry, "caps", None)
     return caps if caps is not None else entry.intervention.capabilities()
 
