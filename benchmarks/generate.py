@@ -12,6 +12,11 @@ Prints a table of time ratios against stock. Issue #17 targets: identity ≤ 1.0
 intervention ≤ 1.10× stock (512-token prompt, 64 new tokens).
 
     python benchmarks/generate.py --threads 1 [--prompt-tokens 512] [--new-tokens 64] [--repeats 3] [--arms ...]
+    python benchmarks/generate.py --device cuda --dtype bf16 --random-weights   # a GPU machine without the weights
+
+``--random-weights``: SmolLM2-135M's shape (30 layers, 9 query / 3 K/V heads of 64) with random weights and random
+token ids: the same work per token, no weights needed (detected sinks, hence ACT's groups, differ from the real
+model's).
 """
 
 from __future__ import annotations
@@ -55,11 +60,26 @@ def prompt_ids(tokenizer, n_tokens: int) -> torch.Tensor:
     return ids
 
 
+def random_smollm2(device, dtype):
+    """SmolLM2-135M's architecture with random weights (seeded) on ``device`` in ``dtype``."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                                      rope_theta=100000.0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
 def time_generate(model, ids, new_tokens: int, timer=time.perf_counter) -> float:
     start = timer()
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              pad_token_id=0)
+    if out.is_cuda:
+        torch.cuda.synchronize()
     assert out.shape[1] == ids.shape[1] + new_tokens
     return timer() - start
 
@@ -114,17 +134,29 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--arms", nargs="+", default=list(all_arms), choices=list(all_arms))
     parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
                         help="cpu = process CPU time (default with --threads 1), wall = elapsed time")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (wall time on cuda)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--random-weights", action="store_true",
+                        help="SmolLM2's shape with random weights and random token ids (no weights needed)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from _common import clock, default_clock
 
-    args.clock = args.clock or default_clock()
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    args.clock = args.clock or ("wall" if device.type == "cuda" else default_clock())
     timer = clock(args.clock)
-    model, tokenizer = load_smollm2()
-    ids = prompt_ids(tokenizer, args.prompt_tokens)
+    if args.random_weights:
+        model = random_smollm2(device, dtype)
+        ids = torch.randint(3, 49152, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    else:
+        model, tokenizer = load_smollm2(dtype=dtype)
+        model = model.to(device)
+        ids = prompt_ids(tokenizer, args.prompt_tokens)
+    ids = ids.to(device)
     chosen = {name: arm for name, arm in arms(args.prompt_tokens).items() if name in args.arms or name == "stock"}
-    print(environment_line())
+    print(environment_line(device) if device.type == "cuda" else environment_line())
     print(checkout())
     load_before = load_average()
     time_generate(model, ids, 4)  # warm-up
@@ -134,7 +166,9 @@ def main(argv=None) -> list[dict]:
             with make(model):
                 time_generate(model, ids, 2)  # the arm's own warm-up (first calls, caches)
                 times[name].append(time_generate(model, ids, args.new_tokens, timer))
-    print(f"\nSmolLM2-135M-Instruct generate: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+    what = "SmolLM2-135M-shaped, random weights" if args.random_weights else "SmolLM2-135M-Instruct"
+    print(f"\n{what} generate ({args.device}, {args.dtype}): {args.prompt_tokens}-token prompt, "
+          f"{args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads, {args.clock} time, {args.repeats} rounds, arms alternated; "
           f"load average {load_before} before, {load_average()} after")
     print(f"| arm | what runs | best {args.clock} seconds | × stock (best / best) | × stock (median of rounds) |\n"

@@ -18,8 +18,8 @@ Sections:
    than eager (eager measured where it fits, else reported as not measured); a scoring pass (key mass over all
    queries) ≤ one extra attention forward (time ≤ 1.0× SDPA). The best fused backend per edit counts.
 
-No GPU was lent to the task that wrote this script (see benchmarks/README.md): its numbers come from the first run
-on a card.
+First run on a card: an NVIDIA H200 on 2026-11-26 (``benchmarks/GPU.md``, with a note on the bugs it found and what
+changed after it; summary in benchmarks/README.md).
 """
 
 from __future__ import annotations

@@ -15,11 +15,12 @@ masks, padding): the fused ones take a fast path only when the mask provably has
 
 ``choose_backend("auto", needs, device)`` considers the backends that support every capability the layer's
 interventions need on that device and are available there, and picks the cheapest by :data:`COSTS` — time over
-stock SDPA per edit class, measured once per device type with ``benchmarks/attention.py --costs`` — or, where a
-device type has no measurements (GPUs until one is lent), the first in :data:`BACKEND_NAMES`. :func:`explain` says
-why, per backend. An explicit choice that cannot work raises naming the intervention and the missing capability.
-The kernel functions' ``backend=`` arguments (``grouped.group_partials`` …) take the same names
-(:func:`kernel_name`). This module imports no kernel at import time, so every kernel module may import it.
+stock SDPA per edit class, measured once per device type (CPU: ``benchmarks/attention.py --costs``; CUDA:
+``benchmarks/gpu.py`` on an H200) — or, where a device type has no measurements, the first in
+:data:`BACKEND_NAMES`. :func:`explain` says why, per backend. An explicit choice that cannot work raises naming the
+intervention and the missing capability. The kernel functions' ``backend=`` arguments (``grouped.group_partials`` …)
+take the same names (:func:`kernel_name`). This module imports no kernel at import time, so every kernel module may
+import it.
 
 Example:
     >>> choose_backend("auto", {"edit_output": ["gain"]}, "cpu").name
@@ -81,14 +82,25 @@ EDIT_CLASS = {"query_scale": "none", "edit_output": "none", "mask": "none", "sco
 
 #: edit classes that are a pass of their own (key statistics), added to the attention call's cost
 ADDITIVE_CLASSES = frozenset({"key_mass"})
-#: time / stock SDPA per device type, backend and edit class (B=1, H=8, D=64, fp32, N=2048, one thread), measured with
-#: ``python benchmarks/attention.py --costs`` (it prints this table; see benchmarks/README.md for the run and its
-#: load). A layer costs its most expensive attention class plus every additive pass it needs.
+#: time / stock SDPA per device type, backend and edit class. CPU: B=1, H=8, D=64, fp32, N=2048, one thread, measured
+#: with ``python benchmarks/attention.py --costs`` (it prints this table; see benchmarks/README.md for the run and its
+#: load); CUDA: see its comment. A layer costs its most expensive attention class plus every additive pass it needs.
 COSTS = {
     "cpu": {
         "torch": {"none": 1.02, "bias": 1.07, "reweight": 1.25, "key_mass": 1.05},
         "eager": {"none": 10.5, "bias": 11.9, "reweight": 10.6, "key_mass": 5.5, "softcap": 11.0, "materialise": 10.5},
         "flex": {"none": 1.7, "bias": 1.8, "softcap": 1.9, "key_mass": 1.05},
+    },
+    # NVIDIA H200, torch 2.11 + triton 3.6, fp16, B=1, H=32, D=128, N=8192, wall time (benchmarks/gpu.py, the table in
+    # benchmarks/GPU.md). Not measured there, so taken from the nearest measured class: flex softcap = flex bias (the
+    # same score_mod shape), eager softcap / materialise = eager none (eager materialises every map anyway); flex's
+    # key statistics are the torch pass. The torch path is slow on a GPU (per-chunk host work): auto never prefers it.
+    "cuda": {
+        "triton": {"none": 3.27, "bias": 3.32, "reweight": 3.53, "key_mass": 4.32},
+        "flex": {"none": 3.62, "bias": 3.87, "softcap": 3.87, "reweight": 11.81, "key_mass": 169.0},
+        "torch": {"none": 347.0, "bias": 344.0, "reweight": 142.0, "key_mass": 169.0},
+        "eager": {"none": 37.3, "bias": 45.4, "reweight": 56.6, "key_mass": 33.9, "softcap": 37.3,
+                  "materialise": 37.3},
     },
 }
 

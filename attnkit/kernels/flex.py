@@ -78,6 +78,13 @@ def _compiled():
     return torch.compile(flex, dynamic=False)
 
 
+#: the kernel options of the retry when every block configuration flex tried needs more shared memory than the card
+#: has (seen on an H200 with torch 2.11: fp16 with per-head score_mods asked 311 KB of the 227 KB there)
+SMALL_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 1, "num_warps": 4}
+
+_COMPILED = _compiled  # tests swap _compiled for uncompiled flex, which returns the LSE on CPU too
+
+
 def _padded(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
 
@@ -249,9 +256,18 @@ def _run(q, k, v, *, scale, score_mod, block_mask, lse: bool = False):
     pq, pk = _padded(Q) - Q, _padded(K) - K
     qp, kp, vp = F.pad(q, (0, 0, 0, pq)), F.pad(k, (0, 0, 0, pk)), F.pad(v, (0, 0, 0, pk))
     limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+
+    def call(options):
+        return _compiled()(qp, kp, vp, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                           enable_gqa=q.shape[1] != k.shape[1], return_lse=lse, kernel_options=options)
+
     with torch._dynamo.config.patch(recompile_limit=limit), _quiet_inductor():
-        result = _compiled()(qp, kp, vp, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                             enable_gqa=q.shape[1] != k.shape[1], return_lse=lse)
+        try:
+            result = call(None)
+        except Exception as err:  # noqa: BLE001  (inductor wraps the Triton error in its own type)
+            if "out of resource" not in str(err):
+                raise
+            result = call(SMALL_BLOCKS)
     if lse:
         return result[0][:, :, :Q], result[1][:, :, :Q]
     return result[:, :, :Q]
@@ -366,11 +382,23 @@ def flex_row_probs(q, k, keys: KeyMask, rows, *, scaling, softcap=None, qscale=N
 # --------------------------------------------------------------------------------------------------------
 # per-group partials (CUDA: compiled flex returns the LSE there)
 # --------------------------------------------------------------------------------------------------------
+def _in_group_mask_mod(mask_mod, member: torch.Tensor):
+    """``mask_mod`` restricted to the keys where ``member [B, Kp]`` is True.
+
+    The group reaches the compiled kernel as a tensor, never as a Python constant: torch 2.11 on CUDA reused the
+    kernel compiled for one group's constant for the next group (measured on an H200: every group's partials were
+    another group's), while a captured tensor is an input of the compiled graph whatever the cache does."""
+    def in_group(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx, kv_idx) & member[b, kv_idx]
+
+    return in_group
+
+
 def flex_group_partials(q, k, v, key_group, num_groups: int, keys: KeyMask, *, scale: float):
     """``(out_g [B,H,Q,G,D], lse_g [B,H,Q,G])`` fp32: one compiled flex call per group with ``return_lse``, its
     ``mask_mod`` the model's mask restricted to the group's keys and its block mask the call's blocks that hold a
     key of the group. Needs compiled flex with ``return_lse`` (CUDA; torch 2.13 refuses it on CPU)."""
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and _compiled is _COMPILED:
         raise ValueError("flex: compiled FlexAttention on CPU cannot return the log-sum-exp (torch 2.13), which group "
                          "partials need; use backend='torch' on CPU")
     B, H, Hkv, Q, K, D = check_shapes(q, k, v)
@@ -383,11 +411,9 @@ def flex_group_partials(q, k, v, key_group, num_groups: int, keys: KeyMask, *, s
     out_g = torch.zeros(B, H, Q, num_groups, D, dtype=torch.float32, device=q.device)
     lse_g = torch.full((B, H, Q, num_groups), float("-inf"), dtype=torch.float32, device=q.device)
     for g in range(num_groups):
-        def mask_mod(b, h, q_idx, kv_idx, g=g):
-            return base.mask_mod(b, h, q_idx, kv_idx) & (grp[b, kv_idx] == g)
-
         flags = dense & present[:, None, None, :, g]  # [B,H|1,nq,nk]
-        block_mask = _from_block_flags(flags, torch.zeros_like(flags), _padded(Q), Kp, mask_mod)
+        block_mask = _from_block_flags(flags, torch.zeros_like(flags), _padded(Q), Kp,
+                                       _in_group_mask_mod(base.mask_mod, grp == g))
         out, lse = _run(q, k, v, scale=scale, score_mod=score_mod, block_mask=block_mask, lse=True)
         out_g[:, :, :, g] = torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, out.float())
         lse_g[:, :, :, g] = lse.float()

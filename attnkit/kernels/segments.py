@@ -361,12 +361,12 @@ def _explicit_partials(qb, kb, vb, explicit: dict, causal: bool, scale: float, p
     Hkv, K = kb.shape[0], kb.shape[1]
     R, P0 = H // Hkv, K - Q
     groups = sorted(explicit)
-    idx = torch.cat([explicit[g] for g in groups]).to(qb.device)  # [S]
+    idx = torch.cat([explicit[g].cpu() for g in groups])  # [S] key positions, sorted on the host (no device sync)
     slot = torch.cat([torch.full((explicit[g].numel(),), i, dtype=torch.long) for i, g in enumerate(groups)])
     idx, order = idx.sort()
-    slot = slot[order].to(qb.device)  # [S] index into `groups`
-    member = slot[None, :] == torch.arange(len(groups), device=qb.device)[:, None]  # [G_e,S]
     r0 = max(0, int(idx[0]) - P0) if causal else 0
+    idx, slot = idx.to(qb.device), slot[order].to(qb.device)  # [S], [S] index into `groups`
+    member = slot[None, :] == torch.arange(len(groups), device=qb.device)[:, None]  # [G_e,S]
     if r0 >= Q:
         return
     k_e, v_e = kb.index_select(1, idx).float(), vb.index_select(1, idx).float()  # [Hkv,S,D]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -40,3 +41,18 @@ def test_generate_benchmark_runs_every_arm():
     for name, row in rows.items():  # one round: both ratios are this arm's time over stock's
         assert float(row.group(3)) == pytest.approx(float(row.group(2)) / stock, rel=0.05)  # seconds: 2 decimals
         assert float(row.group(4)) == pytest.approx(float(row.group(3)), abs=0.002)
+
+
+def test_random_weights_run_without_the_weights_in_half_precision():
+    """``--random-weights`` (for a GPU machine without the weights): SmolLM2's shape, bf16, one row per arm."""
+    from generate import random_smollm2
+
+    model = random_smollm2("cpu", torch.bfloat16)
+    assert (model.config.num_hidden_layers, model.config.num_key_value_heads, model.dtype) == (30, 3, torch.bfloat16)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--random-weights", "--dtype",
+                           "bf16", "--prompt-tokens", "16", "--new-tokens", "2", "--repeats", "1", "--arms",
+                           "identity", "act"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "random weights generate (cpu, bf16)" in proc.stdout
+    arms = re.findall(r"^\| (\w+) \| ", proc.stdout, re.M)
+    assert arms == ["arm", "stock", "identity", "act"]

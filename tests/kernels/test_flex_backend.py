@@ -107,14 +107,24 @@ def test_cpu_capabilities_are_honest():
         flex.flex_group_partials(q, k, v, torch.zeros(1, 16, dtype=torch.long), 2, KeyMask.build(16, 16), scale=0.5)
 
 
-def test_auto_uses_the_measured_costs_and_falls_back_to_the_static_order():
+def test_auto_uses_the_measured_costs_and_falls_back_to_the_static_order(monkeypatch):
     cpu = {v["backend"]: v for v in explain({"group_factors": ["var"], "key_stats": ["act"]}, "cpu")}
     assert cpu["torch"]["chosen"] and cpu["torch"]["cost"] < cpu["eager"]["cost"]
-    gpu = explain({"score_bias": ["pasta"]}, "cuda")  # no cost table for CUDA yet: the documented order
-    eligible = [v for v in gpu if v["eligible"]]
-    assert all(v["cost"] is None for v in gpu)
-    if eligible:
-        assert eligible[0]["chosen"] and "static order" in eligible[0]["reason"]
+    # on CUDA (every backend made available here): the H200 costs pick triton for grouped edits with statistics,
+    # flex for a score bias (triton has none), never the torch path
+    for name in BACKENDS:
+        monkeypatch.setattr(BACKENDS.get(name), "available", lambda device_type: None)
+    gpu = {v["backend"]: v for v in explain({"group_factors": ["var"], "key_stats": ["act"]}, "cuda")}
+    assert gpu["triton"]["chosen"] and gpu["triton"]["cost"] == 3.53 + 4.32
+    assert gpu["eager"]["cost"] < gpu["torch"]["cost"]
+    assert choose_backend("auto", {"score_bias": ["pasta"]}, "cuda").name == "flex"
+    assert choose_backend("auto", {"edit_output": ["gain"]}, "cuda").name == "triton"
+    from attnkit.kernels.backends import COSTS
+
+    monkeypatch.delitem(COSTS, "cuda")  # no cost table: the documented order
+    eligible = [v for v in explain({"score_bias": ["pasta"]}, "cuda") if v["eligible"]]
+    assert all(v["cost"] is None for v in eligible)
+    assert eligible[0]["backend"] == "flex" and eligible[0]["chosen"] and "static order" in eligible[0]["reason"]
 
 
 # ---- compiled flex (slow: each kernel compiles) --------------------------------------------------------------------
@@ -213,3 +223,61 @@ def test_cpu_flex_needs_a_tested_torch(monkeypatch):
     assert reason is not None and "2.7.0" in reason and "2.13" in reason
     with pytest.raises(ValueError, match="unavailable on cpu"):
         choose_backend("flex", {"score_bias": ["pasta"]}, "cpu")
+
+
+@pytest.mark.parametrize("layout", ["causal", "left padding + window + sinks", "GQA"])
+def test_group_partials_give_each_group_its_own_keys(monkeypatch, layout):
+    """flex_group_partials with uncompiled flex (which returns the LSE on CPU) equals the eager partials group by
+    group. On CUDA torch 2.11 compiled the group into the kernel as a constant and gave each group another group's
+    partials (H200 run, benchmarks/GPU.md); the group now reaches the kernel as a tensor (``_in_group_mask_mod``)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from attnkit.kernels import grouped
+
+    monkeypatch.setattr(flex, "_compiled", lambda: flex_attention)
+    q, k, v = _inputs(Hkv=1 if layout == "GQA" else 2, N=150)
+    groups = torch.zeros(2, 150, dtype=torch.long)
+    groups[:, 0] = 1
+    groups[:, 40:120] = 2
+    kw = {"key_padding": torch.arange(150)[None, :] >= torch.tensor([[0], [17]]), "window": 50, "num_sinks": 2} \
+        if layout.startswith("left") else {}
+    want_out, want_lse = grouped.group_partials(q, k, v, groups, 3, scale=SCALE, backend="eager", **kw)
+    got_out, got_lse = flex.flex_group_partials(q, k, v, groups, 3, KeyMask.build(150, 150, **kw), scale=SCALE)
+    assert torch.equal(torch.isneginf(got_lse), torch.isneginf(want_lse))
+    seen = torch.isfinite(want_lse)
+    assert (got_lse - want_lse)[seen].abs().max() <= TOL
+    assert (got_out - want_out).abs().max() <= TOL
+
+
+def test_group_mask_mod_reads_the_group_from_a_tensor():
+    rule = flex._in_group_mask_mod(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx, torch.tensor([[True, False, True]]))
+    assert rule.__defaults__ is None  # no Python constant for the compiler to bake in
+    allowed = [[bool(rule(torch.tensor(0), 0, torch.tensor(qi), torch.tensor(ki))) for ki in range(3)]
+               for qi in range(3)]
+    assert allowed == [[True, False, False], [True, False, False], [True, False, True]]
+
+
+def test_out_of_shared_memory_retries_with_small_blocks(monkeypatch):
+    """When every block configuration needs more shared memory than the card has, flex runs again with
+    ``SMALL_BLOCKS`` instead of failing the forward (seen on an H200 with torch 2.11 in fp16)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    asked = []
+
+    def fussy(*args, kernel_options=None, **kwargs):
+        asked.append(kernel_options)
+        if kernel_options is None:
+            raise RuntimeError("No valid triton configs. OutOfMemoryError: out of resource: Required: 311296")
+        return flex_attention(*args, **kwargs)
+
+    monkeypatch.setattr(flex, "_compiled", lambda: fussy)
+    q, k, v = _inputs(N=20)
+    keys = KeyMask.build(20, 20)
+    base, add = flex._mask_for(keys, 2, q.device)
+    out = flex._run(q, k, v, scale=SCALE, score_mod=flex._score_mod(None, None, None, add), block_mask=base)
+    assert asked == [None, flex.SMALL_BLOCKS]
+    assert (out - ref.attention(q, k, v, scale=SCALE)).abs().max() <= TOL
+
+    monkeypatch.setattr(flex, "_compiled", lambda: lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):
+        flex._run(q, k, v, scale=SCALE, score_mod=None, block_mask=base)
