@@ -228,8 +228,8 @@ def test_cpu_flex_needs_a_tested_torch(monkeypatch):
 @pytest.mark.parametrize("layout", ["causal", "left padding + window + sinks", "GQA"])
 def test_group_partials_give_each_group_its_own_keys(monkeypatch, layout):
     """flex_group_partials with uncompiled flex (which returns the LSE on CPU) equals the eager partials group by
-    group. On CUDA torch 2.11 compiled the group into the kernel as a constant and gave each group another group's
-    partials (H200 run, benchmarks/GPU.md); the group now reaches the kernel as a tensor (``_in_group_mask_mod``)."""
+    group. On CUDA (torch 2.11, H200) the group as a Python default argument gave groups another group's partials
+    (benchmarks/GPU.md); the group now reaches the kernel as a tensor (``_in_group_mask_mod``)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     from attnkit.kernels import grouped
