@@ -104,3 +104,20 @@ def peak_allocated(fn) -> int:
         level += delta
         peak = max(peak, level)
     return peak
+
+
+def gpu_or_refusal(script: str, allow_cpu: bool) -> torch.device | None:
+    """The CUDA device, or the CPU when ``allow_cpu`` (a smoke test through the Triton interpreter); None, after
+    printing why to stderr, when there is no GPU and the CPU was not allowed (the script then exits with 2).
+
+    Example:
+        >>> gpu_or_refusal("x.py", allow_cpu=True).type in ("cuda", "cpu")
+        True
+    """
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if allow_cpu:
+        return torch.device("cpu")
+    print(f"benchmarks/{script}: no CUDA device here; run it on a GPU machine (or --allow-cpu with TRITON_INTERPRET=1 "
+          "for a smoke test)", file=sys.stderr)
+    return None

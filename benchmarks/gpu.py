@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import attention as A  # noqa: E402
-from _common import checkout, environment_line  # noqa: E402
+from _common import checkout, environment_line, gpu_or_refusal  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 2e-2}
@@ -183,10 +183,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "GPU.md"))
     ap.add_argument("--allow-cpu", action="store_true", help="run on CPU (Triton interpreter): a smoke test only")
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.allow_cpu:
-        print("benchmarks/gpu.py: no CUDA device here; run it on a GPU machine (or --allow-cpu with "
-              "TRITON_INTERPRET=1 for a smoke test)", file=sys.stderr)
+    device = gpu_or_refusal("gpu.py", args.allow_cpu)
+    if device is None:
         return 2
     start = time.perf_counter()
     parity_rows = parity(args.parity_n, args.parity_dtypes, device)
