@@ -7,7 +7,8 @@
 The recipe is attached (planned exactly as :func:`attnkit.attach` plans it), nothing is run, and the handle is
 removed. For every planned layer it prints what the layer's interventions need, the backend ``auto`` chose, and each
 backend's verdict from :func:`attnkit.kernels.backends.explain` (cannot run / unavailable / never automatic here /
-its measured cost). The timings behind the costs come from ``python benchmarks/attention.py --costs``.
+its measured cost). The timings behind the costs come from ``python benchmarks/attention.py --costs`` (CPU) and
+``python benchmarks/gpu.py`` (CUDA).
 
 Example:
     >>> from attnkit.testing import tiny_causal_lm
@@ -36,7 +37,8 @@ def layer_needs(site) -> dict[str, list[str]]:
 
 def explain_recipe(model, recipe, device=None, backend: str = "auto") -> list[dict]:
     """One row per planned layer: ``layer``, ``component``, ``interventions``, ``needs``, ``chosen``, ``why`` and
-    ``verdicts`` (every backend's, see :func:`attnkit.kernels.backends.explain`). Attaches and removes ``recipe``."""
+    ``verdicts`` (every backend's, see :func:`attnkit.kernels.backends.explain`). Attaches and removes ``recipe``.
+    With ``device`` (e.g. "cuda" for a model still on the CPU), ``chosen`` is what ``auto`` picks on that device."""
     import torch
 
     import attnkit
@@ -50,7 +52,9 @@ def explain_recipe(model, recipe, device=None, backend: str = "auto") -> list[di
             dev = device or next(site.module.parameters(), torch.empty(0)).device
             needs = layer_needs(site)
             verdicts = explain(needs, dev)
-            chosen = site.backend.name
+            chosen = site.backend.name  # as planned on the model's device; for another device: auto's pick there
+            if device is not None and backend == "auto":
+                chosen = next((v["backend"] for v in verdicts if v["chosen"]), chosen)
             why = next((v["reason"] for v in verdicts if v["backend"] == chosen), "")
             if backend != "auto":
                 why = f"requested backend={backend!r}"
@@ -75,13 +79,16 @@ def format_rows(rows: list[dict], verbose: bool = True) -> str:
 
 def costs_text() -> str:
     """The cost table ``auto`` reads, one line per device type and backend."""
-    from attnkit.kernels.backends import COSTS
+    from attnkit.kernels.backends import BACKEND_NAMES, COSTS
 
-    lines = ["time / stock SDPA (B=1, H=8, D=64, fp32, N=2048; python benchmarks/attention.py --costs)"]
+    where = {"cpu": "B=1, H=8, D=64, fp32, N=2048, one thread; python benchmarks/attention.py --costs",
+             "cuda": "NVIDIA H200, B=1, H=32, D=128, fp16, N=8192; python benchmarks/gpu.py"}
+    lines = ["time / stock SDPA per edit class (a device type without a table: the static order "
+             f"{', '.join(BACKEND_NAMES)})"]
     for device, table in COSTS.items():
+        lines.append(f"  {device} ({where.get(device, 'measured')})")
         for backend, costs in table.items():
-            lines.append(f"  {device:<5} {backend:<7} " + ", ".join(f"{k} {v:g}" for k, v in costs.items()))
-    lines.append("  cuda  (not measured yet: auto uses the static order triton, flex, torch, eager)")
+            lines.append(f"    {backend:<7} " + ", ".join(f"{k} {v:g}" for k, v in costs.items()))
     return "\n".join(lines)
 
 
