@@ -144,6 +144,8 @@ def main(argv=None) -> list[dict]:
     from _common import clock, default_clock
 
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     args.clock = args.clock or ("wall" if device.type == "cuda" else default_clock())
     timer = clock(args.clock)

@@ -56,3 +56,12 @@ def test_random_weights_run_without_the_weights_in_half_precision():
     assert "random weights generate (cpu, bf16)" in proc.stdout
     arms = re.findall(r"^\| (\w+) \| ", proc.stdout, re.M)
     assert arms == ["arm", "stock", "identity", "act"]
+
+
+def test_cuda_without_a_gpu_is_refused_in_one_sentence():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--device", "cuda",
+                           "--random-weights"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "sees no CUDA device; use --device cpu" in proc.stderr
+    assert "Traceback" not in proc.stderr
