@@ -173,6 +173,18 @@ def chunked_allowed(real: torch.Tensor, chunk: int, sinks: int, recent: int) -> 
     return first | same | recent_ok | sink_keys(real, sinks)[:, None, :]
 
 
+def _checked_full_heads(full_heads):
+    """``full_heads`` as given when it is None, gates (HeadScores), a saved path or ``{layer: [KV heads]}`` of
+    integers; otherwise one ValueError naming the field and the forms it takes."""
+    if full_heads is None or isinstance(full_heads, (str, Path, HeadScores)):
+        return full_heads
+    try:
+        return {int(layer): [int(h) for h in heads] for layer, heads in full_heads.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"duo-attention: full_heads must be gates (HeadScores), a saved path or {{layer: [KV heads]}} "
+                         f"of integers, got {full_heads!r}") from None
+
+
 @register_intervention
 class DuoAttention(Intervention):
     name = "duo-attention"
@@ -194,7 +206,7 @@ class DuoAttention(Intervention):
         if decode_window not in DECODE_WINDOWS:
             raise ValueError(f"duo-attention: decode_window must be one of {DECODE_WINDOWS}, got {decode_window!r}")
         super().__init__(**target)
-        self.full_heads, self.sparsity, self.threshold = full_heads, sparsity, threshold
+        self.full_heads, self.sparsity, self.threshold = _checked_full_heads(full_heads), sparsity, threshold
         self.sinks = check_int(self.name, "sinks", sinks)
         self.recent = check_int(self.name, "recent", recent, 1)
         self.chunk = check_int(self.name, "chunk", chunk, 1)

@@ -115,3 +115,11 @@ def test_sliding_layers_are_neither_gated_nor_restricted():
     duo = DuoAttention(gates, sparsity=0.5)
     with attnkit.attach(model, [duo]) as handle:
         assert [s.layer for s in handle._planned] == [5] or handle._planned == []
+
+
+@pytest.mark.parametrize("bad", [[None], {0: None}, {"a": [1]}, 3])
+def test_malformed_full_heads_is_one_sentence_naming_the_field(bad):
+    """Found by the recipe fuzz test: ``full_heads: [null]`` in a recipe raised AttributeError at attach."""
+    with pytest.raises(ValueError, match=r"duo-attention: full_heads must be gates .* got "):
+        DuoAttention(full_heads=bad)
+    assert DuoAttention(full_heads={"0": ["1"]}).full_heads == {0: [1]}
