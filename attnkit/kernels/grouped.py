@@ -339,8 +339,8 @@ def combine_groups(out_g: torch.Tensor, lse_g: torch.Tensor, factors: torch.Tens
     top = top.masked_fill_(torch.isinf(top), 0.0)
     w = torch.exp(logw - top)  # [B,H,Q,G]
     den = w.sum(-1, keepdim=True)  # [B,H,Q,1]
-    num = _weighted_sum(w, out_g)  # [B,H,Q,D]; 0 where every weight is 0
-    out = num.div_(torch.where(den > 0, den, 1.0))
+    w = w.div_(torch.where(den > 0, den, 1.0))  # normalised here, on [B,H,Q,G]: no pass over [B,H,Q,D] for it
+    out = _weighted_sum(w, out_g)  # [B,H,Q,D]; 0 where every weight is 0
     return out if dtype is None else out.to(dtype)
 
 

@@ -14,8 +14,8 @@ Segments shorter than :data:`TINY` keys (scattered sink tokens, a BOS token) are
 all such groups are gathered and computed explicitly in one pass, ``[H, C, S]`` scores for a chunk of ``C`` queries
 and ``S`` such keys, kept factored (:class:`ExplicitBlock`) until the groups are combined.
 
-Partials of one group from several calls are merged by log-sum-exp only where their query rows overlap; the first
-partial of a row range is copied. Work is about one causal attention pass in total, plus the masked gap columns.
+Partials of one group from several calls whose query rows overlap stay separate pieces, each counted with its share
+of the group (:class:`GroupPieces`). Work is about one causal attention pass in total, plus the masked gap columns.
 
 Example:
     >>> import torch
@@ -219,12 +219,21 @@ class ExplicitBlock:
     def rows(self, lo: int, hi: int) -> "ExplicitBlock":
         return ExplicitBlock(self.e[:, lo:hi], self.v, self.slot, self.groups, self.z[:, lo:hi], self.lse[:, lo:hi])
 
-    def _product(self, key_scale: torch.Tensor) -> torch.Tensor:
-        """``(e · key_scale) @ v`` → ``[H,r,D]``; ``key_scale`` broadcastable to ``e``."""
+    def _product(self, key_scale: torch.Tensor, into: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
+        """``(e · key_scale) @ v`` → ``[H,r,D]``; ``key_scale`` broadcastable to ``e``. With ``into`` (``[H,r,D]``)
+        the product is written there (``add``: added to it), straight from the matrix product when it is
+        contiguous."""
         H, r, S = self.e.shape
         Hkv = self.v.shape[0]
         scaled = (self.e * key_scale).reshape(Hkv, (H // Hkv) * r, S)  # [Hkv, R*r, S]
-        return torch.matmul(scaled, self.v).view(H, r, -1)
+        if into is None:
+            return torch.matmul(scaled, self.v).view(H, r, -1)
+        if into.is_contiguous():
+            flat = into.view(Hkv, (H // Hkv) * r, -1)  # [Hkv, R*r, D]
+            flat.baddbmm_(scaled, self.v) if add else torch.bmm(scaled, self.v, out=flat)
+            return into
+        prod = torch.matmul(scaled, self.v).view(H, r, -1)
+        return into.add_(prod) if add else into.copy_(prod)
 
     def _inverse_z(self) -> torch.Tensor:
         return torch.where(self.z > 0, self.z, 1.0).reciprocal()  # [H,r,G_e]; groups with z = 0 have e = 0
@@ -233,18 +242,20 @@ class ExplicitBlock:
         """``O`` of the i-th group ``[H,r,D]``."""
         return self._product((self.slot == i).to(self.e.dtype) * self._inverse_z()[..., i:i + 1])
 
-    def weighted(self, w: torch.Tensor) -> torch.Tensor:
-        """``Σ_i w_{g_i} O_{g_i}`` → ``[H,r,D]`` for the rows' group weights ``w [H,r,G]``."""
+    def weighted(self, w: torch.Tensor, into: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
+        """``Σ_i w_{g_i} O_{g_i}`` → ``[H,r,D]`` for the rows' group weights ``w [H,r,G]`` (written to or added
+        to ``into`` when given, see :meth:`_product`)."""
         per_group = w[..., self.groups] * self._inverse_z()  # [H,r,G_e]
-        return self._product(per_group.index_select(-1, self.slot))  # [H,r,S] key scales
+        return self._product(per_group.index_select(-1, self.slot), into, add)  # [H,r,S] key scales
 
 
 class GroupPieces:
     """Per-group partials of a batch kept as the pieces the fused calls returned, without a ``[B,H,Q,G,D]`` buffer.
 
-    ``lse [B,G,H,Q]`` is complete (-inf where a group has no visible key); for each ``(sample, group)`` disjoint
-    query-row ranges ``[r0, r1)`` carry their within-group output ``O_g`` ``[H, r1-r0, D]`` fp32 (rows outside every
-    range: ``O_g = 0``). A partial added over rows that already hold one is merged into it by log-sum-exp.
+    ``lse [B,G,H,Q]`` is complete (-inf where a group has no visible key); for each ``(sample, group)`` query-row
+    ranges ``[r0, r1)`` carry a within-group output ``[H, r1-r0, D]`` fp32 and its log-sum-exp (rows outside every
+    range: ``O_g = 0``). Pieces of one group may overlap (a group's keys split over several calls): each then counts
+    with its share ``exp(lse_piece − lse_g)`` of the group, so no piece is rewritten when another arrives.
     :meth:`weighted_sum` combines groups straight from the pieces; :meth:`out_g` materialises the buffer.
 
     Example:
@@ -253,12 +264,16 @@ class GroupPieces:
         >>> pieces.add(0, 1, 1, 3, torch.full((1, 2, 2), 3.0), torch.zeros(1, 2))
         >>> pieces.weighted_sum(torch.ones(1, 1, 3, 2))[0, 0].tolist()
         [[1.0, 1.0], [4.0, 4.0], [4.0, 4.0]]
+        >>> pieces.add(0, 0, 2, 3, torch.full((1, 1, 2), 3.0), torch.zeros(1, 1))   # more keys of group 0, row 2
+        >>> pieces.out_g()[0, 0, :, 0].tolist()                                     # row 2: half of each
+        [[1.0, 1.0], [1.0, 1.0], [2.0, 2.0]]
     """
 
     def __init__(self, B: int, G: int, H: int, Q: int, D: int, device):
         self.shape = (B, H, Q, G, D)
         self.lse = torch.full((B, G, H, Q), float("-inf"), dtype=torch.float32, device=device)  # [B,G,H,Q]
-        self.pieces: dict[tuple[int, int], list] = {}  # (b, g) -> [[r0, r1, out [H,r,D]], ...] sorted by r0
+        self.pieces: dict[tuple[int, int], list] = {}  # (b, g) -> [(r0, r1, out [H,r,D], lse [H,r]), ...]
+        self.overlapping: set[tuple[int, int]] = set()  # (b, g) whose pieces share rows
         self.blocks: list[tuple] = []  # (b, r0, r1, ExplicitBlock): tiny groups of one sample, kept factored
         self.device = device
 
@@ -273,22 +288,19 @@ class GroupPieces:
         """Add the partial ``out [H,r,D]``, ``lse [H,r]`` of rows ``[r0, r1)`` of group ``g`` of sample ``b``."""
         have = self.pieces.setdefault((b, g), [])
         lse_bg = self.lse[b, g]  # [H,Q]
-        cur, fresh = r0, []
-        for a, e, prev in have:
-            if e <= cur or a >= r1:
-                continue
-            if cur < a:
-                fresh.append((cur, a))
-            lo, hi = max(a, cur), min(e, r1)
-            merge_partial(prev[:, lo - a:hi - a], lse_bg[:, lo:hi], out[:, lo - r0:hi - r0], lse[:, lo - r0:hi - r0])
-            cur = hi
-        if cur < r1:
-            fresh.append((cur, r1))
-        for lo, hi in fresh:
-            piece = out if (lo, hi) == (r0, r1) else out[:, lo - r0:hi - r0]
-            have.append([lo, hi, piece])
-            lse_bg[:, lo:hi] = lse[:, lo - r0:hi - r0]
-        have.sort(key=lambda item: item[0])
+        if any(a < r1 and r0 < e for a, e, _, _ in have):
+            self.overlapping.add((b, g))
+            torch.logaddexp(lse_bg[:, r0:r1], lse, out=lse_bg[:, r0:r1])  # -inf on rows not seen yet: lse itself
+        else:
+            lse_bg[:, r0:r1] = lse
+        have.append((r0, r1, out, lse))
+
+    def _share(self, b: int, g: int, r0: int, r1: int, lse: torch.Tensor) -> torch.Tensor | None:
+        """A piece's share ``exp(lse_piece − lse_g)`` ``[H,r,1]`` of its group's rows (None: the whole of it)."""
+        if (b, g) not in self.overlapping:
+            return None
+        lse_g = self.lse[b, g, :, r0:r1]
+        return torch.exp(lse - torch.where(torch.isinf(lse_g), 0.0, lse_g)).unsqueeze(-1)  # exp(-inf) = 0
 
     def lse_g(self) -> torch.Tensor:
         """``[B,H,Q,G]`` (a view)."""
@@ -299,8 +311,12 @@ class GroupPieces:
         B, H, Q, G, D = self.shape
         out = torch.zeros(B, G, H, Q, D, dtype=torch.float32, device=self.device)  # [B,G,H,Q,D]
         for (b, g), have in self.pieces.items():
-            for r0, r1, piece in have:
-                out[b, g, :, r0:r1] = piece
+            for r0, r1, piece, lse in have:
+                share = self._share(b, g, r0, r1, lse)
+                if share is None:
+                    out[b, g, :, r0:r1] = piece
+                else:
+                    out[b, g, :, r0:r1].addcmul_(piece, share)
         for b, r0, r1, block in self.blocks:
             for i, g in enumerate(block.groups):
                 out[b, g, :, r0:r1] = block.output(i)
@@ -312,20 +328,21 @@ class GroupPieces:
         num = torch.empty(B, H, Q, D, dtype=torch.float32, device=self.device)  # [B,H,Q,D]
         for b in range(B):
             covered: list[tuple[int, int]] = []  # rows of num[b] written so far (the first write needs no zeros)
-            for g in range(G):
-                for r0, r1, piece in self.pieces.get((b, g), ()):
-                    for lo, hi, seen in _split(r0, r1, covered):
-                        part, wg, dst = piece[:, lo - r0:hi - r0], w[b, :, lo:hi, g, None], num[b, :, lo:hi]
-                        dst.addcmul_(part, wg) if seen else torch.mul(part, wg, out=dst)
-                    covered.append((r0, r1))
-            for bb, r0, r1, block in self.blocks:
+            for bb, r0, r1, block in self.blocks:  # first: a block usually spans every row, written in place
                 if bb != b:
                     continue
                 for lo, hi, seen in _split(r0, r1, covered):
-                    prod = block.rows(lo - r0, hi - r0).weighted(w[b, :, lo:hi])  # [H,r,D]
-                    dst = num[b, :, lo:hi]
-                    dst.add_(prod) if seen else dst.copy_(prod)
+                    block.rows(lo - r0, hi - r0).weighted(w[b, :, lo:hi], into=num[b, :, lo:hi], add=seen)
                 covered.append((r0, r1))
+            for g in range(G):
+                for r0, r1, piece, lse in self.pieces.get((b, g), ()):
+                    wg = w[b, :, r0:r1, g, None]  # [H,r,1]
+                    share = self._share(b, g, r0, r1, lse)
+                    wg = wg if share is None else wg * share
+                    for lo, hi, seen in _split(r0, r1, covered):
+                        part, w_part, dst = piece[:, lo - r0:hi - r0], wg[:, lo - r0:hi - r0], num[b, :, lo:hi]
+                        dst.addcmul_(part, w_part) if seen else torch.mul(part, w_part, out=dst)
+                    covered.append((r0, r1))
             for lo, hi, seen in _split(0, Q, covered):
                 if not seen:
                     num[b, :, lo:hi] = 0.0
