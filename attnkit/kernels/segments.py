@@ -382,10 +382,10 @@ def _explicit_partials(qb, kb, vb, explicit: dict, causal: bool, scale: float, p
     slot = torch.cat([torch.full((explicit[g].numel(),), i, dtype=torch.long) for i, g in enumerate(groups)])
     idx, order = idx.sort()
     r0 = max(0, int(idx[0]) - P0) if causal else 0
+    if r0 >= Q:  # every query comes before the first of these keys
+        return
     idx, slot = idx.to(qb.device), slot[order].to(qb.device)  # [S], [S] index into `groups`
     member = slot[None, :] == torch.arange(len(groups), device=qb.device)[:, None]  # [G_e,S]
-    if r0 >= Q:
-        return
     k_e, v_e = kb.index_select(1, idx).float(), vb.index_select(1, idx).float()  # [Hkv,S,D]
     C = query_chunk(1, H, Q - r0, idx.numel())
     for c0 in range(r0, Q, C):
