@@ -191,6 +191,8 @@ def segment_calls(start: int, end: int, Q: int, K: int, causal: bool):
     P0 = K - Q  # absolute position of query 0
     if not causal:
         return [((0, Q), (start, end), False)]
+    if start >= P0:  # no query before the segment: one top-left causal call, later rows see all of its keys
+        return [((start - P0, Q), (start, end), True)]
     calls = []
     d0 = max(start, P0)
     if d0 < end:  # queries inside the segment: the causal square, plus its keys before the first query
