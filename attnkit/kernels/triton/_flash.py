@@ -291,8 +291,13 @@ def block_lists(grp, sinks, Q: int, K: int, n_lists: int, per_group: bool, *, ca
     return idx.contiguous(), cnt.contiguous()
 
 
+def _launch_options(num_warps: int | None, num_stages: int | None) -> dict:
+    """Triton's launch options, only those given (None: Triton's own default)."""
+    return {name: value for name, value in (("num_warps", num_warps), ("num_stages", num_stages)) if value is not None}
+
+
 def _forward(q, k, v, key_group, *, num_groups: int, per_group: bool, group_bias, scale, keys: KeyMask,
-             block_m: int, block_n: int):
+             block_m: int, block_n: int, num_warps: int | None = None, num_stages: int | None = None):
     B, H, Hkv, Q, K, D = check_shapes(q, k, v)
     BM, BN, BD = _blocks(D, block_m, block_n)
     upcast, prec = _dtype_flags(q)
@@ -326,7 +331,7 @@ def _forward(q, k, v, key_group, *, num_groups: int, per_group: bool, group_bias
         H, Q, K, D, H // Hkv, float(scale), int(keys.window or 0), mask_floor,
         CAUSAL=keys.structured and keys.causal, HAS_WINDOW=keys.window is not None, HAS_SINKS=sinks is not None,
         PER_GROUP=per_group, HAS_BIAS=group_bias is not None, MASK_KIND=mask_kind, UPCAST=upcast, PREC=prec,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, **_launch_options(num_warps, num_stages),
     )
     return out, lse
 
@@ -342,21 +347,26 @@ def _keys(q, k, mask, causal, key_padding, window, num_sinks) -> KeyMask:
 
 
 def group_partials(q, k, v, key_group, num_groups, *, scale, mask=None, causal=True, key_padding=None, window=None,
-                   num_sinks=0, block_m: int = 64, block_n: int = 64):
-    """``(out_g [B,H,Q,G,D] fp32, lse_g [B,H,Q,G] fp32)``; see :func:`attnkit.kernels.grouped.group_partials`."""
+                   num_sinks=0, block_m: int = 64, block_n: int = 64, num_warps: int | None = None,
+                   num_stages: int | None = None):
+    """``(out_g [B,H,Q,G,D] fp32, lse_g [B,H,Q,G] fp32)``; see :func:`attnkit.kernels.grouped.group_partials`.
+    ``block_m``, ``block_n``, ``num_warps``, ``num_stages``: the launch configuration (benchmarks/triton_sweep.py
+    compares them on a card)."""
     _check_groups(num_groups)
     return _forward(q, k, v, key_group, num_groups=num_groups, per_group=True, group_bias=None, scale=scale,
-                    keys=_keys(q, k, mask, causal, key_padding, window, num_sinks), block_m=block_m, block_n=block_n)
+                    keys=_keys(q, k, mask, causal, key_padding, window, num_sinks), block_m=block_m, block_n=block_n,
+                    num_warps=num_warps, num_stages=num_stages)
 
 
 def biased_attention(q, k, v, key_group, group_bias, *, scale, mask=None, causal=True, key_padding=None, window=None,
-                     num_sinks=0, block_m: int = 64, block_n: int = 64, return_lse: bool = False):
+                     num_sinks=0, block_m: int = 64, block_n: int = 64, num_warps: int | None = None,
+                     num_stages: int | None = None, return_lse: bool = False):
     """Single-accumulator attention with ``group_bias [B|1,H,G]`` (or None) → ``[B,H,Q,D]`` in q's dtype."""
     if group_bias is not None:
         _check_groups(group_bias.shape[-1])
     out, lse = _forward(q, k, v, key_group, num_groups=1, per_group=False, group_bias=group_bias, scale=scale,
                         keys=_keys(q, k, mask, causal, key_padding, window, num_sinks), block_m=block_m,
-                        block_n=block_n)
+                        block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     return (out, lse[..., 0]) if return_lse else out
 
 
@@ -392,7 +402,7 @@ def _query_ranges(keys: KeyMask, B: int, *, block_m: int, block_n: int, dev):
 
 
 def key_mass(q, k, *, scale, mask=None, causal=True, key_padding=None, query_select=None, window=None, num_sinks=0,
-             block_m: int = 64, block_n: int = 64):
+             block_m: int = 64, block_n: int = 64, num_warps: int | None = None, num_stages: int | None = None):
     """``[B,H,K]`` fp32 column mass; see :func:`attnkit.kernels.stats.key_mass`. Two passes: row LSE, then columns."""
     B, H, Hkv, Q, K, D = check_shapes(q, k)
     BM, BN, BD = _blocks(D, block_m, block_n)
@@ -401,7 +411,7 @@ def key_mass(q, k, *, scale, mask=None, causal=True, key_padding=None, query_sel
     keys = _keys(q, k, mask, causal, key_padding, window, num_sinks)
     key_group = torch.zeros(B, K, dtype=torch.int32, device=dev)
     _, lse = biased_attention(q, k, k, key_group, None, scale=scale, mask=keys, block_m=BM, block_n=BN,
-                              return_lse=True)
+                              num_warps=num_warps, num_stages=num_stages, return_lse=True)
     grp = _key_labels(key_group, keys.key_padding, B, K, dev)
     sinks = keys.sinks(dev)
     sink_t = (sinks.expand(B, K).to(torch.int8).contiguous() if sinks is not None
@@ -418,6 +428,6 @@ def key_mass(q, k, *, scale, mask=None, causal=True, key_padding=None, query_sel
         H, Q, K, D, H // Hkv, float(scale), int(keys.window or 0), nkb, mask_floor,
         CAUSAL=keys.structured and keys.causal, HAS_WINDOW=keys.window is not None, HAS_SINKS=sinks is not None,
         HAS_SEL=query_select is not None, MASK_KIND=mask_kind, UPCAST=upcast, PREC=prec,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, **_launch_options(num_warps, num_stages),
     )
     return out
