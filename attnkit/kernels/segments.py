@@ -218,24 +218,17 @@ class ExplicitBlock:
     def __init__(self, e, v, slot, groups, z, lse):
         self.e, self.v, self.slot, self.groups, self.z, self.lse = e, v, slot, groups, z, lse
 
-    def rows(self, lo: int, hi: int) -> "ExplicitBlock":
-        return ExplicitBlock(self.e[:, lo:hi], self.v, self.slot, self.groups, self.z[:, lo:hi], self.lse[:, lo:hi])
-
-    def _product(self, key_scale: torch.Tensor, into: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
+    def _product(self, key_scale: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         """``(e · key_scale) @ v`` → ``[H,r,D]``; ``key_scale`` broadcastable to ``e``. With ``into`` (``[H,r,D]``)
-        the product is written there (``add``: added to it), straight from the matrix product when it is
-        contiguous."""
+        the product is written there, straight from the matrix product when ``into`` is contiguous."""
         H, r, S = self.e.shape
         Hkv = self.v.shape[0]
         scaled = (self.e * key_scale).reshape(Hkv, (H // Hkv) * r, S)  # [Hkv, R*r, S]
-        if into is None:
-            return torch.matmul(scaled, self.v).view(H, r, -1)
-        if into.is_contiguous():
-            flat = into.view(Hkv, (H // Hkv) * r, -1)  # [Hkv, R*r, D]
-            flat.baddbmm_(scaled, self.v) if add else torch.bmm(scaled, self.v, out=flat)
+        if into is not None and into.is_contiguous():
+            torch.bmm(scaled, self.v, out=into.view(Hkv, (H // Hkv) * r, -1))  # [Hkv, R*r, D]
             return into
         prod = torch.matmul(scaled, self.v).view(H, r, -1)
-        return into.add_(prod) if add else into.copy_(prod)
+        return prod if into is None else into.copy_(prod)
 
     def _inverse_z(self) -> torch.Tensor:
         return torch.where(self.z > 0, self.z, 1.0).reciprocal()  # [H,r,G_e]; groups with z = 0 have e = 0
@@ -244,11 +237,11 @@ class ExplicitBlock:
         """``O`` of the i-th group ``[H,r,D]``."""
         return self._product((self.slot == i).to(self.e.dtype) * self._inverse_z()[..., i:i + 1])
 
-    def weighted(self, w: torch.Tensor, into: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
-        """``Σ_i w_{g_i} O_{g_i}`` → ``[H,r,D]`` for the rows' group weights ``w [H,r,G]`` (written to or added
-        to ``into`` when given, see :meth:`_product`)."""
+    def weighted(self, w: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """``Σ_i w_{g_i} O_{g_i}`` → ``[H,r,D]`` for the rows' group weights ``w [H,r,G]`` (written to ``into``
+        when given, see :meth:`_product`)."""
         per_group = w[..., self.groups] * self._inverse_z()  # [H,r,G_e]
-        return self._product(per_group.index_select(-1, self.slot), into, add)  # [H,r,S] key scales
+        return self._product(per_group.index_select(-1, self.slot), into)  # [H,r,S] key scales
 
 
 class GroupPieces:
@@ -280,8 +273,9 @@ class GroupPieces:
         self.device = device
 
     def add_block(self, b: int, r0: int, r1: int, block: "ExplicitBlock") -> None:
-        """Add the tiny groups' partials of rows ``[r0, r1)`` of sample ``b`` (no other partial of those groups may
-        cover these rows: :func:`sample_partials` sends groups that also have segments through :meth:`add`)."""
+        """Add the tiny groups' partials of rows ``[r0, r1)`` of sample ``b``. No other partial of those groups may
+        cover these rows (:func:`sample_partials` sends groups that also have segments through :meth:`add`), and the
+        blocks of one sample cover disjoint rows (one block per query chunk)."""
         self.blocks.append((b, r0, r1, block))
         for i, g in enumerate(block.groups):
             self.lse[b, g, :, r0:r1] = block.lse[..., i]
@@ -330,12 +324,10 @@ class GroupPieces:
         num = torch.empty(B, H, Q, D, dtype=torch.float32, device=self.device)  # [B,H,Q,D]
         for b in range(B):
             covered: list[tuple[int, int]] = []  # rows of num[b] written so far (the first write needs no zeros)
-            for bb, r0, r1, block in self.blocks:  # first: a block usually spans every row, written in place
-                if bb != b:
-                    continue
-                for lo, hi, seen in _split(r0, r1, covered):
-                    block.rows(lo - r0, hi - r0).weighted(w[b, :, lo:hi], into=num[b, :, lo:hi], add=seen)
-                covered.append((r0, r1))
+            for bb, r0, r1, block in self.blocks:  # first, each into its own rows (a sample's blocks are disjoint)
+                if bb == b:
+                    block.weighted(w[b, :, r0:r1], into=num[b, :, r0:r1])
+                    covered.append((r0, r1))
             for g in range(G):
                 for r0, r1, piece, lse in self.pieces.get((b, g), ()):
                     wg = w[b, :, r0:r1, g, None]  # [H,r,1]
