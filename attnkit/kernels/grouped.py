@@ -55,7 +55,7 @@ def gqa_scores(q_c: torch.Tensor, k_r: torch.Tensor, scale: float) -> torch.Tens
     B, H, C, D = q_c.shape
     Hkv = k_r.shape[1]
     qf = q_c.float().reshape(B, Hkv, (H // Hkv) * C, D)  # [B,Hkv,R*C,D]
-    s = torch.matmul(qf, k_r.float().transpose(-1, -2)) * scale  # [B,Hkv,R*C,Kr]
+    s = torch.matmul(qf, k_r.float().transpose(-1, -2)).mul_(scale)  # [B,Hkv,R*C,Kr]
     return s.view(B, Hkv, H // Hkv, C, -1)  # [B,Hkv,R,C,Kr]
 
 
@@ -122,7 +122,7 @@ def _row_mask(keys: KeyMask, Q: int, K: int, device) -> torch.Tensor | None:
 class RowSums(NamedTuple):
     """The attention of a few query rows split by key group (:func:`row_sums`)."""
 
-    p: torch.Tensor  # [B,Hkv,R,Q,Kr] fp32: the rows' probabilities (0 on masked keys and on rows that see no key)
+    p: torch.Tensor  # [B,Hkv,R*Q,Kr] fp32: the rows' probabilities (0 on masked keys and on rows that see no key)
     member: torch.Tensor  # [B,G,Kr] fp32: 1 where key j is in group g
     v: torch.Tensor  # [B,Hkv,Kr,D] the values of the scored keys
     mass: torch.Tensor  # [B,H,Q,G] fp32: M_g = Σ_{j∈g} p_j
@@ -130,10 +130,10 @@ class RowSums(NamedTuple):
 
     def partials(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out_g [B,H,Q,G,D], lse_g [B,H,Q,G])`` as :func:`group_partials` returns them (needs ``lse``)."""
-        B, Hkv, R, Q, Kr = self.p.shape
-        G = self.member.shape[1]
-        pg = self.p.unsqueeze(-2) * self.member[:, None, None, None]  # [B,Hkv,R,Q,G,Kr]
-        num = torch.matmul(pg.reshape(B, Hkv, R * Q * G, Kr), self.v.float()).view(B, Hkv * R, Q, G, -1)
+        B, Hkv, RQ, Kr = self.p.shape
+        _, H, Q, G = self.mass.shape
+        pg = self.p.unsqueeze(-2) * self.member[:, None, None]  # [B,Hkv,R*Q,G,Kr]
+        num = torch.matmul(pg.reshape(B, Hkv, RQ * G, Kr), self.v.float()).view(B, H, Q, G, -1)
         out_g = num / torch.where(self.mass > 0, self.mass, 1.0).unsqueeze(-1)  # [B,H,Q,G,D]; empty groups: 0
         return out_g, torch.log(self.mass) + self.lse  # log 0 = -inf
 
@@ -152,30 +152,34 @@ def row_sums(q, k, v, key_group, G, keys: KeyMask, *, scale, lse: bool = False,
              member: torch.Tensor | None = None) -> RowSums:
     """Few query rows (decode): one score pass, O(Q·K) memory, the rows' probabilities and their mass per group
     (see :class:`RowSums`). Under a causal + padding mask (the decode case) every key is scored in place, with no
-    copy of K or V. ``member``: :func:`group_member` of ``key_group`` when the caller has it already."""
+    copy of K or V. ``member``: :func:`group_member` of ``key_group`` when the caller has it already.
+
+    Every product is batched over ``B`` only (query heads × rows flattened): no K, V or membership is repeated per
+    head, and a decode step costs a handful of operations beyond the two passes over K and V."""
     B, H, Q, _ = q.shape
     Hkv, K = k.shape[1], k.shape[2]
-    ok = None
     if keys.structured and keys.window is None and not (keys.causal and Q > K):
         s = gqa_scores(q, k, scale)  # [B,Hkv,R,Q,K]
-        v_r, grp = v, key_group
-        member = group_member(grp, G) if member is None else member  # [B,G,K]
+        v_r = v
+        member = group_member(key_group, G) if member is None else member  # [B,G,K]
         ok = _row_mask(keys, Q, K, q.device)  # [B|1,1,1,Q,K] | None (None: every row sees every key)
-        if ok is not None:
-            s = s.masked_fill_(~ok, float("-inf"))
     else:
         kidx, ok, bias = keys.block(slice(0, Q), q.device)  # [Kr], [B|1,H|1,Q,Kr], fp32 | None
-        v_r, grp = v.index_select(2, kidx), key_group.index_select(1, kidx)  # [B,Hkv,Kr,D], [B,Kr]
-        member = group_member(grp, G) if member is None else member.index_select(2, kidx)  # [B,G,Kr]
+        v_r = v.index_select(2, kidx)  # [B,Hkv,Kr,D]
+        member = group_member(key_group.index_select(1, kidx), G) if member is None else member.index_select(2, kidx)
         s = gqa_scores(q, k.index_select(2, kidx), scale)  # [B,Hkv,R,Q,Kr]
         if bias is not None:
-            s = s + gqa_view(bias, Hkv)
-        s = s.masked_fill_(~gqa_view(ok, Hkv), float("-inf"))
+            s = s.add_(gqa_view(bias, Hkv))
+        ok = gqa_view(ok, Hkv)
+    if ok is not None:
+        s = s.masked_fill_(~ok, float("-inf"))
+    Kr = s.shape[-1]
+    s = s.view(B, Hkv, -1, Kr)  # [B,Hkv,R*Q,Kr]
     row_lse = torch.logsumexp(s, dim=-1, keepdim=True).view(B, H, Q, 1) if lse else None
-    p = torch.softmax(s, dim=-1)  # [B,Hkv,R,Q,Kr]
+    p = torch.softmax(s, dim=-1)  # [B,Hkv,R*Q,Kr]
     if ok is not None:  # a row that sees no key: NaN → 0
         p = p.nan_to_num_(0.0)
-    mass = torch.matmul(p, member.transpose(1, 2)[:, None, None])  # [B,Hkv,R,Q,G]
+    mass = torch.bmm(p.view(B, H * Q, Kr), member.transpose(1, 2))  # [B,H*Q,G]
     return RowSums(p, member, v_r, mass.view(B, H, Q, G), row_lse)
 
 
@@ -185,9 +189,9 @@ def _row_group_partials(q, k, v, key_group, G, keys: KeyMask, *, scale):
 
 
 def row_reweight(sums: RowSums, factors: torch.Tensor, dtype=None) -> torch.Tensor:
-    """Reweighted attention from :func:`row_sums`: ``Σ_j c_{g(j)} p_j v_j / Σ_g c_g M_g`` → ``[B,H,Q,D]``, the same
-    value as :func:`combine_groups` on the group partials, with the factors spread over the keys: no per-group
-    outputs. Rows whose weighted mass is 0 give 0.
+    """Reweighted attention from :func:`row_sums`: ``Σ_j c_{g(j)} p_j v_j / Σ_j c_{g(j)} p_j`` → ``[B,H,Q,D]``, the
+    same value as :func:`combine_groups` on the group partials, with the factors spread over the keys: no per-group
+    outputs. Rows whose weighted mass is 0 give 0. ``sums.p`` is scaled in place (read it before, not after).
 
     Example (two keys with equal scores, in groups 0 and 1; the second group × 0.4):
         >>> from attnkit.kernels.masks import KeyMask
@@ -196,12 +200,13 @@ def row_reweight(sums: RowSums, factors: torch.Tensor, dtype=None) -> torch.Tens
         >>> row_reweight(sums, torch.tensor([1.0, 0.4]))             # masses 0.5 / 0.5 → 0.5 / 0.2, renormalised
         tensor([[[[0.7143, 0.2857]]]])
     """
-    B, Hkv, R, Q, Kr = sums.p.shape
-    c = factors.float().expand(sums.mass.shape)  # [B,H,Q,G]
-    den = (c * sums.mass).sum(-1, keepdim=True)  # [B,H,Q,1]
-    per_key = torch.matmul(c.reshape(B, Hkv, R, Q, -1), sums.member[:, None, None])  # [B,Hkv,R,Q,Kr]
-    out = torch.matmul((sums.p * per_key).view(B, Hkv, R * Q, Kr), sums.v.float())  # [B,Hkv,R*Q,D]
-    out = out.view(B, Hkv * R, Q, -1).div_(torch.where(den > 0, den, 1.0))
+    B, Hkv, RQ, Kr = sums.p.shape
+    _, H, Q, G = sums.mass.shape
+    c = factors.float().expand(B, H, Q, G).reshape(B, H * Q, G)  # [B,H*Q,G]
+    weighted = sums.p.view(B, H * Q, Kr).mul_(torch.bmm(c, sums.member))  # [B,H*Q,Kr]: c_{g(j)} p_j
+    den = weighted.sum(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)  # [B,H*Q,1]; 0 → out 0
+    out = torch.matmul(weighted.view(B, Hkv, RQ, Kr), sums.v.float())  # [B,Hkv,R*Q,D]
+    out = out.view(B, H * Q, -1).div_(den).view(B, H, Q, -1)
     return out if dtype is None else out.to(dtype)
 
 

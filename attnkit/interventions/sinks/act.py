@@ -59,12 +59,23 @@ def act_factors(mass: torch.Tensor, sink_groups: torch.Tensor, beta: float) -> t
         >>> round(float(f[..., 0] * mass[..., 0]), 7), round(float(f[..., 1] * mass[..., 1]), 7)
         (0.6000001, 0.3999999)
     """
-    sink_g = sink_groups[:, :, None, :].to(torch.bool)  # [B, H, 1, G]
-    s = (mass * sink_g).sum(-1, keepdim=True)  # [B, H, Q, 1]
-    rest = (mass * ~sink_g).sum(-1, keepdim=True)  # [B, H, Q, 1]: summed directly, no cancellation
-    other = 1.0 + (1.0 - beta) * s / rest.clamp_min(1e-30)  # [B, H, Q, 1]
-    factors = torch.where(sink_g, torch.full_like(mass, beta), other.expand_as(mass))
-    return torch.where((rest > 1e-12) & (s > 0), factors, torch.ones_like(factors))
+    return _factors(mass, _sink_split(sink_groups), beta)
+
+
+def _sink_split(sink_groups: torch.Tensor) -> torch.Tensor:
+    """``[B, H, G, 2]`` fp32 from ``sink_groups`` bool ``[B, H, G]``: column 0 selects the sink groups, column 1 the
+    others, so that ``mass @ split`` is ``(S, R)``, each summed over its own groups only."""
+    return torch.stack([sink_groups, ~sink_groups], dim=-1).float()
+
+
+def _factors(mass: torch.Tensor, split: torch.Tensor, beta: float) -> torch.Tensor:
+    """:func:`act_factors` from the groups' split (:func:`_sink_split`), which a layer computes once."""
+    split = split[:, :, : mass.shape[-1]]  # [B, H, G, 2]
+    sums = torch.matmul(mass, split)  # [B, H, Q, 2]: (S, R)
+    s, rest = sums[..., :1], sums[..., 1:]
+    other = s.div(rest.clamp_min(1e-30)).mul_(1.0 - beta).add_(1.0)  # [B, H, Q, 1]
+    factors = torch.where(split[:, :, None, :, 0] > 0, beta, other)  # [B, H, Q, G]
+    return torch.where((rest > 1e-12) & (s > 0), factors, 1.0)
 
 
 @register_intervention
@@ -120,6 +131,7 @@ class ACT(Intervention):
                 slot_heads[b, :, i] = (code & weights) != 0
         ctx.state["act_slot"] = slot
         ctx.state["act_slot_heads"] = slot_heads
+        ctx.state["act_split"] = _sink_split(slot_heads)  # [B, H, G, 2]
 
     def sinks(self, ctx) -> torch.Tensor | None:
         """The detected sink set of this layer as bool ``[B, H, T0]`` (prefill positions), or None."""
@@ -141,11 +153,23 @@ class ACT(Intervention):
     def key_group_ids(self, ctx) -> torch.Tensor:
         """``[B, K]``: the pattern slot of each key (0: no head calls it a sink; keys after the prefill are 0)."""
         slot = ctx.state.get("act_slot")  # [B, T0]
-        length = ctx.tracker.length
         if slot is None or slot.shape[0] != ctx.batch:
             return torch.zeros(ctx.batch, ctx.k_len, dtype=torch.long, device=ctx.device)
-        tracked = torch.nn.functional.pad(slot[:, :length], (0, length - min(slot.shape[1], length)))  # [B, T]
-        return ctx.keys_of(tracked).to(ctx.device)
+        return ctx.keys_of(self._tracked_slots(ctx, slot, ctx.tracker.length))
+
+    @staticmethod
+    def _tracked_slots(ctx, slot: torch.Tensor, length: int) -> torch.Tensor:
+        """The slots of the first ``length`` tracked positions ``[B, length]`` on the call's device (0 after the
+        prefill's ``T0``): a view of a buffer kept in ``ctx.state`` beside the prefill's ``slot`` it was built from
+        (a new prefill's slot builds a new one), doubled when the sequence outgrows it, so a decoding step neither
+        pads nor copies."""
+        built_from, device, buf = ctx.state.get("act_slot_buffer") or (None, None, None)
+        if built_from is not slot or device != str(ctx.device) or buf.shape[1] < length:
+            capacity = max(length, 2 * slot.shape[1], 2 * (0 if buf is None else buf.shape[1]))
+            buf = torch.zeros(slot.shape[0], capacity, dtype=slot.dtype, device=ctx.device)  # [B, capacity]
+            buf[:, : slot.shape[1]] = slot.to(ctx.device)
+            ctx.state["act_slot_buffer"] = (slot, str(ctx.device), buf)
+        return buf[:, :length]
 
     def _slot_mask(self, i: int):
         def mask(ctx) -> torch.Tensor:  # [B, K]
@@ -154,8 +178,7 @@ class ACT(Intervention):
         return mask
 
     def group_factors(self, mass: torch.Tensor, ctx) -> torch.Tensor:  # mass [B, H, Q, G]
-        slot_heads = ctx.state.get("act_slot_heads")
-        if slot_heads is None:
+        split = ctx.state.get("act_split")  # [B, H, G, 2]
+        if split is None:
             return torch.ones_like(mass)
-        sink_groups = slot_heads.to(mass.device)[:, :, : mass.shape[-1]]  # [B, H, G]
-        return act_factors(mass, sink_groups, self.beta)
+        return _factors(mass, split.to(mass.device), self.beta)

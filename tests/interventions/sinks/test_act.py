@@ -158,3 +158,35 @@ def test_decode_steps_skip_the_column_pass(monkeypatch):
     with attnkit.attach(model, [ACT(layers=[1, 2], theta=0.08)], backend="torch"), torch.no_grad():
         model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert calls == [10, 10]  # two layers at the 10-token prefill, nothing on the 3 decoding steps
+
+
+def test_decode_slots_follow_a_growing_sequence_and_a_new_prompt():
+    """The decoding steps read the prefill's sink slots from a buffer that grows past twice the prompt and is rebuilt
+    by the next prefill: every step's logits equal the eager reference through both prompts."""
+    model = tiny_causal_lm("llama", num_hidden_layers=2)
+    prompts = [torch.randint(3, 100, (1, n), generator=torch.Generator().manual_seed(n)) for n in (9, 5)]
+    gen = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    runs = {}
+    for backend in ("eager", "torch", None):
+        recipe = [] if backend is None else [ACT(beta=0.2, theta=0.08, layers=[0, 1])]
+        with attnkit.attach(model, recipe, backend=backend or "eager"), torch.no_grad():
+            runs[backend] = [torch.stack(model.generate(p, **gen).logits) for p in prompts]  # [steps, 1, vocab]
+    for eager, fused, stock in zip(runs["eager"], runs["torch"], runs[None]):
+        assert (eager[0] - stock[0]).abs().max() > 1e-3  # sinks were found and damped at every prompt
+        assert (fused - eager).abs().max() <= 1e-4
+
+
+def test_decode_slot_ids_against_padding_the_prefill_slots():
+    """Slot ids at each length are the prefill's slots padded with 0, also past the buffer's capacity and after the
+    next prompt's prefill stores new slots."""
+    act, state = ACT(), {"act_slot": torch.tensor([[0, 2, 0, 1]])}
+
+    def ids_at(length):
+        ctx = SimpleNamespace(state=state, batch=1, k_len=length, device="cpu", tracker=SimpleNamespace(length=length),
+                              keys_of=lambda tracked: tracked)
+        return act.key_group_ids(ctx).tolist()
+
+    for length in (3, 4, 5, 9, 17, 40):
+        assert ids_at(length) == [([0, 2, 0, 1] + [0] * length)[:length]]
+    state["act_slot"] = torch.tensor([[1, 0, 0]])  # the next prompt's prefill
+    assert ids_at(6) == [[1, 0, 0, 0, 0, 0]]
