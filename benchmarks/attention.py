@@ -214,8 +214,8 @@ def kit(backend: str):
     def reweight(x):
         out_g, lse_g = grouped.group_partials(x["q"], x["k"], x["v"], x["key_group"], 3, scale=x["scale"],
                                               backend=backend, materialise=False)  # as the runtime calls it
-        c = var_factors(grouped.group_mass(lse_g))
-        return grouped.combine_groups(out_g, lse_g, c, dtype=x["q"].dtype)
+        mass = grouped.group_mass(lse_g)
+        return grouped.combine_groups(out_g, lse_g, var_factors(mass), mass=mass, dtype=x["q"].dtype)
 
     def key_mass(x):
         return stats.key_mass(x["q"], x["k"], scale=x["scale"], backend=backend)

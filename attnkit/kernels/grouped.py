@@ -311,22 +311,26 @@ def group_mass(lse_g: torch.Tensor) -> torch.Tensor:
         >>> group_mass(torch.log(torch.tensor([[[[1.0, 3.0]]]])))
         tensor([[[[0.2500, 0.7500]]]])
     """
-    top = lse_g.amax(dim=-1, keepdim=True)  # [B,H,Q,1]
-    top = torch.where(torch.isinf(top), 0.0, top)
+    top = lse_g.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)  # [B,H,Q,1]; 0 on a row with no key
     w = torch.exp(lse_g - top)  # [B,H,Q,G]
-    den = w.sum(-1, keepdim=True)
-    return torch.where(den > 0, w / torch.where(den > 0, den, 1.0), 0.0)
+    return w.div_(w.sum(-1, keepdim=True).clamp_min_(_TINY))  # the largest term is 1, so a sum below 1 is 0
+
+
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def combine_groups(out_g: torch.Tensor, lse_g: torch.Tensor, factors: torch.Tensor | None = None, *,
-                   log_factors: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+                   log_factors: torch.Tensor | None = None, mass: torch.Tensor | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """Renormalised reweighted attention ``Σ_g M_g c_g O_g / Σ_g M_g c_g`` → ``[B,H,Q,D]``.
 
     ``factors`` ``c_g`` is ``[B,H,Q,G]`` or broadcastable (None = 1, which gives plain attention).
     A pre-softmax additive bias ``b_g`` on the keys of group ``g`` is exactly ``factors = exp(b_g)``: pass it
-    as ``log_factors = b_g`` to stay in log space (no overflow for large biases). Rows whose weighted mass is
-    0 (no allowed key, or every present group given factor 0) give 0. Output dtype: ``dtype`` (default fp32;
-    the public wrappers pass q's dtype).
+    as ``log_factors = b_g`` to stay in log space (no overflow for large biases). ``mass``: :func:`group_mass` of
+    ``lse_g`` when the caller has it already (it computed the factors from it): the weights are then ``M_g c_g``
+    normalised, a few operations fewer (with ``log_factors`` it is not used). Rows whose weighted mass is 0 (no
+    allowed key, or every present group given factor 0) give 0. Output dtype: ``dtype`` (default fp32; the public
+    wrappers pass q's dtype).
 
     Example (ACT with beta = 0.4 on the sink group 1):
         >>> import torch
@@ -334,17 +338,20 @@ def combine_groups(out_g: torch.Tensor, lse_g: torch.Tensor, factors: torch.Tens
         >>> lse_g = torch.log(torch.tensor([0.7, 0.3])).view(1, 1, 1, 2)  # masses 0.7 / 0.3
         >>> combine_groups(out_g, lse_g, torch.tensor([1.0, 0.4]))        # 0.12 / 0.82 to the sink
         tensor([[[[0.8537, 0.1463]]]])
+        >>> combine_groups(out_g, lse_g, torch.tensor([1.0, 0.4]), mass=group_mass(lse_g))
+        tensor([[[[0.8537, 0.1463]]]])
     """
-    logw = lse_g.float()  # [B,H,Q,G]
-    if log_factors is not None:
-        logw = logw + log_factors.float()
-    if factors is not None:
-        logw = logw + torch.log(factors.float())  # log 0 = -inf drops the group
-    top = logw.amax(dim=-1, keepdim=True)  # [B,H,Q,1]
-    top = top.masked_fill_(torch.isinf(top), 0.0)
-    w = torch.exp(logw - top)  # [B,H,Q,G]
-    den = w.sum(-1, keepdim=True)  # [B,H,Q,1]
-    w = w.div_(torch.where(den > 0, den, 1.0))  # normalised here, on [B,H,Q,G]: no pass over [B,H,Q,D] for it
+    if mass is not None and log_factors is None:
+        w = mass.float() if factors is None else mass.float() * factors.float()  # [B,H,Q,G]
+    else:
+        logw = lse_g.float()  # [B,H,Q,G]
+        if log_factors is not None:
+            logw = logw + log_factors.float()
+        if factors is not None:
+            logw = logw + torch.log(factors.float())  # log 0 = -inf drops the group
+        top = logw.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)  # [B,H,Q,1]
+        w = torch.exp(logw - top)  # [B,H,Q,G]
+    w = w.div_(w.sum(-1, keepdim=True).clamp_min_(_TINY))  # normalised on [B,H,Q,G]: no pass over [B,H,Q,D] for it
     out = _weighted_sum(w, out_g)  # [B,H,Q,D]; 0 where every weight is 0
     return out if dtype is None else out.to(dtype)
 

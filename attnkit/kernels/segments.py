@@ -296,7 +296,7 @@ class GroupPieces:
         if (b, g) not in self.overlapping:
             return None
         lse_g = self.lse[b, g, :, r0:r1]
-        return torch.exp(lse - torch.where(torch.isinf(lse_g), 0.0, lse_g)).unsqueeze(-1)  # exp(-inf) = 0
+        return torch.exp(lse - lse_g.nan_to_num(neginf=0.0)).unsqueeze(-1)  # exp(-inf) = 0
 
     def lse_g(self) -> torch.Tensor:
         """``[B,H,Q,G]`` (a view)."""
@@ -390,7 +390,7 @@ def _explicit_partials(qb, kb, vb, explicit: dict, causal: bool, scale: float, p
             qpos = torch.arange(P0 + c0, P0 + c1, device=qb.device)  # [C]
             s = s.masked_fill_(idx[None, :] > qpos[:, None], float("-inf"))
         top = s.amax(dim=-1, keepdim=True)  # [H,C,1]
-        e = s.sub_(top.masked_fill_(torch.isneginf(top), 0.0)).exp_()  # [H,C,S]; 0 on masked keys
+        e = s.sub_(top.nan_to_num_(neginf=0.0)).exp_()  # [H,C,S]; 0 on masked keys
         z = torch.matmul(e, member.T.to(e.dtype))  # [H,C,G_e] per-group sums
         lse = torch.log(z) + top  # [H,C,G_e]; -inf for a group the row does not see
         block = ExplicitBlock(e, v_e, slot, groups, z, lse)

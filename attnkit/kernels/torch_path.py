@@ -175,7 +175,7 @@ def grouped_attention(q, k, v, keys: KeyMask, grouped_entries, *, scaling, make_
         if kernel == "torch" and q.shape[2] <= DECODE_ROWS:
             edited = row_reweight(sums, factors, dtype=q.dtype)  # [B,H,Q,D]
         else:
-            edited = combine_groups(out_g, lse_g, factors, dtype=q.dtype)  # [B,H,Q,D]
+            edited = combine_groups(out_g, lse_g, factors, mass=mass[..., :present], dtype=q.dtype)  # [B,H,Q,D]
         out = edited if out is None else select_heads(edited, out, heads)
     return out
 
