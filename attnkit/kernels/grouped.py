@@ -48,6 +48,8 @@ __all__ = ["group_partials", "combine_groups", "group_mass", "biased_attention",
 MAX_SPAN_RUNS = 48
 # Up to this many query rows (decode steps) the chunked math path is used: O(Q·K) memory, one pass over the keys.
 DECODE_ROWS = 8
+# Smallest normal fp32: a weight sum clamped to it divides a row of zeros into zeros.
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def gqa_scores(q_c: torch.Tensor, k_r: torch.Tensor, scale: float) -> torch.Tensor:
@@ -204,7 +206,7 @@ def row_reweight(sums: RowSums, factors: torch.Tensor, dtype=None) -> torch.Tens
     _, H, Q, G = sums.mass.shape
     c = factors.float().expand(B, H, Q, G).reshape(B, H * Q, G)  # [B,H*Q,G]
     weighted = sums.p.view(B, H * Q, Kr).mul_(torch.bmm(c, sums.member))  # [B,H*Q,Kr]: c_{g(j)} p_j
-    den = weighted.sum(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)  # [B,H*Q,1]; 0 → out 0
+    den = weighted.sum(-1, keepdim=True).clamp_min_(_TINY)  # [B,H*Q,1]; 0 → out 0
     out = torch.matmul(weighted.view(B, Hkv, RQ, Kr), sums.v.float())  # [B,Hkv,R*Q,D]
     out = out.view(B, H * Q, -1).div_(den).view(B, H, Q, -1)
     return out if dtype is None else out.to(dtype)
@@ -314,9 +316,6 @@ def group_mass(lse_g: torch.Tensor) -> torch.Tensor:
     top = lse_g.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)  # [B,H,Q,1]; 0 on a row with no key
     w = torch.exp(lse_g - top)  # [B,H,Q,G]
     return w.div_(w.sum(-1, keepdim=True).clamp_min_(_TINY))  # the largest term is 1, so a sum below 1 is 0
-
-
-_TINY = torch.finfo(torch.float32).tiny
 
 
 def combine_groups(out_g: torch.Tensor, lse_g: torch.Tensor, factors: torch.Tensor | None = None, *,
